@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random HF decoders of every RoPE family we support.
+
+Tiny models are for unit tests only; real-model tests use the bundled SmolLM2.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+# Architectures whose tiny configs the suite builds. Each entry: (config class path,
+# extra config kwargs). Partial rotary (GPT-NeoX) and q/k norm (Qwen3) are the two
+# layouts of attention that differ from LLaMA's.
+TINY_ARCHS: dict[str, dict] = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {},  # RMSNorm on q and k before RoPE
+    "gpt_neox": {"rotary_pct": 0.5, "use_parallel_residual": True},
+}
+
+
+def tiny_config(arch: str, **overrides):
+    """A small random config of family ``arch``, eager attention, float32."""
+    from transformers import AutoConfig
+
+    common = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        attn_implementation="eager",
+    )
+    if arch != "gpt_neox":
+        common.update(num_key_value_heads=2, head_dim=16)
+    common.update(TINY_ARCHS[arch])
+    common.update(overrides)
+    return AutoConfig.for_model(arch, **common)
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides):
+    """A randomly initialised ``AutoModelForCausalLM`` of family ``arch`` in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch, **overrides)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(TINY_ARCHS))
+def tiny_arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_tiny_model():
+    return tiny_model
