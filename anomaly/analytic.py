@@ -422,7 +422,8 @@ class SlackParts:
     absolute: Tensor
     """``[...]`` ``Σ_j (c_j/2)[(x_j−y_j)² cos(σθ_j) − (x_j²−y_j²) sin(σθ_j)]``, ``σ = m + n``."""
     absolute_amplitude: Tensor
-    """``[...]`` ``Σ_j (c_j/√2)|x_j−y_j||q_j|``: the most the absolute part can swing."""
+    """``[...]`` over the contents only (it does not depend on positions):
+    ``Σ_j (c_j/√2)|x_j−y_j||q_j|``, the largest magnitude the absolute part can reach."""
 
 
 def slack_parts(q: Tensor, t: Tensor, m, n, inv_freq: Tensor, layout: Layout = "half") -> SlackParts:
