@@ -1,0 +1,266 @@
+"""Read the exact pre-RoPE queries and keys of every layer of an HF causal LM.
+
+:func:`capture` runs one forward pass with hooks (registered in a context manager whose
+``finally`` removes them) on the modules :mod:`anomaly.model_surgery` names, and returns a
+:class:`Capture`: per layer the vectors the layer rotates, the frequencies it rotates them
+with (taken from the model's own rotary module and checked against the rotation the layer
+actually receives), the layout, the positions and the scaling factors. Nothing is
+monkeypatched: hooks only read module outputs and arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from anomaly import model_surgery as surgery
+from anomaly.cli import UserError
+from anomaly.rope import apply_rope
+
+
+@dataclass
+class LayerCapture:
+    """One layer's captured attention inputs (float32, on the model's device)."""
+
+    index: int
+    """Layer index."""
+    q: Tensor
+    """``[n_heads, seq, d_rot]`` pre-RoPE queries, rotated dimensions only."""
+    k: Tensor
+    """``[n_kv_heads, seq, d_rot]`` pre-RoPE keys, rotated dimensions only."""
+    q_pass: Tensor
+    """``[n_heads, seq, head_dim − d_rot]`` the query dims the layer does not rotate."""
+    k_pass: Tensor
+    """``[n_kv_heads, seq, head_dim − d_rot]`` the key dims the layer does not rotate."""
+    inv_freq: Tensor
+    """``[d_rot/2]`` the layer's slice frequencies θ_j, as the model holds them (float32)."""
+    rope_scale: float
+    """Factor the rotary embedding multiplies into cos and sin (YaRN's; 1 otherwise)."""
+    softmax_scale: float
+    """Factor the layer multiplies ``q·k`` by before the softmax."""
+
+
+@dataclass
+class Capture:
+    """Per-layer pre-RoPE queries and keys of one sequence, with what rotates them.
+
+    ``q[l]``, ``k[l]``, ``inv_freq[l]`` follow the names of the probe issue; the full
+    per-layer records are in :attr:`layers`.
+    """
+
+    layers: list[LayerCapture]
+    """One record per decoder layer, in order."""
+    layout: str
+    """``"half"`` or ``"interleaved"`` (SPEC §1), read off the model's rotary table."""
+    positions: Tensor
+    """``[seq]`` the position ids the model used."""
+    n_heads: int
+    """Query heads per layer."""
+    n_kv_heads: int
+    """Key/value heads per layer."""
+    head_dim: int
+    """Head size, rotated and unrotated dims together."""
+    extra: dict = field(default_factory=dict)
+    """Model type and anything else worth recording."""
+
+    @property
+    def q(self) -> list[Tensor]:
+        """``q[l]``: ``[n_heads, seq, d_rot]``."""
+        return [c.q for c in self.layers]
+
+    @property
+    def k(self) -> list[Tensor]:
+        """``k[l]``: ``[n_kv_heads, seq, d_rot]``."""
+        return [c.k for c in self.layers]
+
+    @property
+    def inv_freq(self) -> list[Tensor]:
+        """``inv_freq[l]``: ``[d_rot/2]``."""
+        return [c.inv_freq for c in self.layers]
+
+    @property
+    def rope_scale(self) -> list[float]:
+        return [c.rope_scale for c in self.layers]
+
+    @property
+    def softmax_scale(self) -> list[float]:
+        return [c.softmax_scale for c in self.layers]
+
+    @property
+    def rotary_dim(self) -> int:
+        """``d_rot``: how many dims of each head are rotated."""
+        return self.layers[0].q.shape[-1]
+
+
+def attention_logits(layer: LayerCapture, positions: Tensor, layout: str) -> Tensor:
+    """The layer's pre-softmax, pre-mask logits rebuilt from the capture, ``[heads, seq, seq]``.
+
+    Rotates the captured q/k with :func:`anomaly.rope.apply_rope`, appends the unrotated
+    dims, repeats key heads for grouped-query attention and scales as the layer does.
+    Quadratic in ``seq``: meant for checks and short sequences.
+    """
+    q = apply_rope(layer.q, positions, layer.inv_freq, layout, scale=layer.rope_scale)
+    k = apply_rope(layer.k, positions, layer.inv_freq, layout, scale=layer.rope_scale)
+    q = torch.cat([q, layer.q_pass], dim=-1)  # [h, s, head_dim]
+    k = torch.cat([k, layer.k_pass], dim=-1)  # [kv, s, head_dim]
+    k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)  # [h, s, head_dim]
+    return (q @ k.transpose(-1, -2)) * layer.softmax_scale
+
+
+def attention_probabilities(layer: LayerCapture, positions: Tensor, layout: str) -> Tensor:
+    """Causal softmax of :func:`attention_logits`, ``[heads, seq, seq]``."""
+    logits = attention_logits(layer, positions, layout)
+    seq = logits.shape[-1]
+    future = torch.ones(seq, seq, dtype=torch.bool, device=logits.device).triu(1)
+    return logits.masked_fill(future, float("-inf")).softmax(-1)
+
+
+def _as_batch(input_ids: Tensor) -> Tensor:
+    input_ids = torch.as_tensor(input_ids)
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"capture takes one sequence, [seq] or [1, seq]; got {tuple(input_ids.shape)}")
+    return input_ids
+
+
+@contextlib.contextmanager
+def _hooks(sites: list[surgery.AttentionSite], store: dict, on_done: Callable[[int], None]) -> Iterator[None]:
+    handles = []
+
+    def save_output(layer: int, slot: int):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            store.setdefault(layer, {})[slot] = out.detach()
+
+        return hook
+
+    def save_rotation(layer: int):
+        def hook(module, args, kwargs):
+            store.setdefault(layer, {})["rotation"] = surgery.position_embeddings_of(module, args, kwargs)
+
+        return hook
+
+    def finish(layer: int):
+        def hook(module, args, kwargs, output):
+            on_done(layer)
+
+        return hook
+
+    try:
+        for site in sites:
+            for slot, module in enumerate(site.sources):
+                handles.append(module.register_forward_hook(save_output(site.index, slot)))
+            attn = site.attention
+            handles.append(attn.register_forward_pre_hook(save_rotation(site.index), with_kwargs=True))
+            handles.append(attn.register_forward_hook(finish(site.index), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture(
+    model: nn.Module,
+    input_ids: Tensor,
+    *,
+    on_layer: Callable[[LayerCapture, "CaptureMeta"], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Capture:
+    """Capture every layer's pre-RoPE q/k for one sequence, in one forward pass.
+
+    Args:
+        model: a loaded HF causal LM with RoPE (any family :mod:`anomaly.model_surgery`
+            knows), on any device and dtype.
+        input_ids: ``[seq]`` or ``[1, seq]`` token ids.
+        on_layer: if given, called with each :class:`LayerCapture` as soon as its layer has
+            run, and the layer is *not* kept (the returned capture's ``layers`` is empty):
+            lets a probe of a large model stream its statistics in bounded memory.
+        progress: called with the layer index after each layer (for progress bars).
+
+    Returns:
+        :class:`Capture`; tensors are float32 on the model's device.
+
+    Raises:
+        UserError: no RoPE, an unknown attention layout, or non-finite activations.
+    """
+    sites = surgery.attention_sites(model)
+    config = surgery.config_of(model)
+    ids = _as_batch(input_ids)
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    positions = torch.arange(ids.shape[1], device=device)
+    store: dict = {}
+    kept: list[LayerCapture] = []
+    meta = CaptureMeta(positions=positions)
+
+    def on_done(layer: int) -> None:
+        rec = store.pop(layer)
+        site = sites[layer]
+        rotation = rec.get("rotation")
+        if rotation is None:
+            raise UserError(
+                f"layer {layer} of {config.model_type} receives no rotary position embedding; "
+                "the probe needs a RoPE model"
+            )
+        cos, sin = rotation
+        q, k = site.split(tuple(rec[i] for i in range(len(site.sources))))  # [1, s, h, d]
+        if meta.layout is None:
+            meta.layout = surgery.detect_layout(cos)
+        freqs, rope_scale = surgery.match_frequencies(model, cos, sin, positions, meta.layout)
+        d_rot = cos.shape[-1]
+        q = q[0].transpose(0, 1).float()  # [1, s, h, d] -> [h, s, d]
+        k = k[0].transpose(0, 1).float()  # [1, s, kv, d] -> [kv, s, d]
+        if not (torch.isfinite(q).all() and torch.isfinite(k).all()):
+            raise UserError(
+                f"layer {layer} produced NaN or infinite queries/keys; run in float32 "
+                "(--dtype float32) or check the weights"
+            )
+        rec_out = LayerCapture(
+            index=layer,
+            q=q[..., :d_rot].contiguous(),
+            k=k[..., :d_rot].contiguous(),
+            q_pass=q[..., d_rot:].contiguous(),
+            k_pass=k[..., d_rot:].contiguous(),
+            inv_freq=freqs.to(device),
+            rope_scale=rope_scale,
+            softmax_scale=site.softmax_scale,
+        )
+        if on_layer is not None:
+            on_layer(rec_out, meta)
+        else:
+            kept.append(rec_out)
+        if progress is not None:
+            progress(layer)
+
+    kwargs = {"use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1  # the probe needs no vocabulary logits
+    with _hooks(sites, store, on_done), torch.inference_mode():
+        model(ids, **kwargs)
+    if len(kept) + (len(sites) if on_layer is not None else 0) != len(sites):
+        raise UserError("not every attention layer ran; is this a decoder-only causal LM?")
+    return Capture(
+        layers=kept,
+        layout=meta.layout,
+        positions=positions,
+        n_heads=sites[0].n_heads,
+        n_kv_heads=sites[0].n_kv_heads,
+        head_dim=sites[0].head_dim,
+        extra={"model_type": config.model_type},
+    )
+
+
+@dataclass
+class CaptureMeta:
+    """What a streaming consumer needs besides the layer itself."""
+
+    positions: Tensor
+    """``[seq]`` position ids."""
+    layout: str | None = None
+    """Detected layout, set once the first layer has run."""

@@ -1,0 +1,69 @@
+"""The analytic figure builders and the ``python -m anomaly.figures`` command."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import torch
+
+from anomaly import analytic as an
+from anomaly.figures import FIGURES, anomaly_map, fig3_cases, main, scaling_study
+
+PI = math.pi
+
+
+def test_fig3_cases_cover_a_to_d_with_spec_tau():
+    cases = fig3_cases(freq=0.1, acute=0.6 * PI)
+    assert [c.case for c in cases] == ["a", "b", "c", "d"]
+    taus = {c.case: c.tau for c in cases}
+    assert math.isclose(taus["a"], 0.6 * PI / 0.1) and math.isclose(taus["d"], 0.6 * PI / 0.1)
+    assert taus["b"] == taus["c"] == 0
+    for c in cases:
+        # Within the abnormal area the score rises monotonically with |distance|; outside it
+        # (cases b, c) it falls until the first border.
+        near = c.distances.abs() < min(c.tau if c.tau else c.first_border, 60)
+        diffs = c.scores[near].diff()
+        assert (diffs > 0).all() if c.tau else (diffs < 0).all()
+
+
+def test_anomaly_map_abnormal_area_is_rising_and_bounded_by_tau():
+    m = anomaly_map(freq=0.2, max_distance=40, n_angles=73)
+    assert m.scores.shape == m.abnormal.shape == (72, 81)
+    assert not (m.abnormal & ~m.rising).any()
+    # Brute force: an abnormal cell is on the anomalous side and nearer than τ.
+    for i, theta in enumerate(m.theta0.tolist()):
+        for j, s in enumerate(m.distances.tolist()):
+            side = (s > 0 and theta > PI) or (s < 0 and theta <= PI)
+            tau = (2 * PI - theta) / 0.2 if theta > PI else theta / 0.2
+            assert bool(m.abnormal[i, j]) == (side and 0 < abs(s) < tau)
+
+
+def test_scaling_study_ratios():
+    st = scaling_study(head_dim=64, factor=4.0)
+    torch.testing.assert_close(st.effects["PI (k=4)"].ratio, torch.full((32,), 4.0, dtype=torch.float64))
+    assert torch.equal(st.effects["none"].scaled_tau, st.effects["none"].tau)
+    assert torch.allclose(st.effects["none"].tau, an.causal_tau(torch.full((32,), 1.5 * PI), st.effects["none"].inv_freq))
+
+
+def test_cli_writes_pdf_png_and_provenance(tmp_path):
+    assert main(["--out", str(tmp_path), "--only", "fig3_cases", "decay_bounds"]) == 0
+    for name in ("fig3_cases", "decay_bounds"):
+        for ext in ("pdf", "png", "json"):
+            assert (tmp_path / f"{name}.{ext}").stat().st_size > 0
+        prov = json.loads((tmp_path / f"{name}.json").read_text())
+        assert prov["command"].startswith("python") and prov["commit"]
+    assert (tmp_path / "fig3_cases.pdf").read_bytes()[:4] == b"%PDF"
+    assert not list(tmp_path.glob(".*tmp"))  # nothing half-written left behind
+
+
+def test_cli_bad_figure_name_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "anomaly.figures", "--out", str(tmp_path), "--only", "fig9"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "invalid choice" in r.stderr
+
+
+def test_all_figures_listed():
+    assert set(FIGURES) == {"fig3_cases", "fig3_map", "scaling_borders", "decay_bounds"}
