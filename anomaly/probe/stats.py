@@ -72,7 +72,7 @@ class PairStats:
 
 def _block_size(t: int, r: int) -> int:
     # Balances the [T/s, T] prefix table against R·T·s in-block comparisons.
-    return max(4, min(t, int(round(math.sqrt(t / max(r, 1))))))
+    return max(1, min(t, 32))
 
 
 def pair_stats(
@@ -114,23 +114,10 @@ def pair_stats(
     vcum = torch.cumsum(valid_b.long(), -1) - valid_b.long()  # [G, T]
     wcum = torch.cumsum(wb_valid, -1) - wb_valid  # [G, T]
 
-    # ---- block-boundary tables C[β, ρ] = Σ_{n < β·s, r_n < ρ} (1 or w_n)
-    blk_of_n = torch.arange(t, device=dev) // s  # [T]
-    cnt = torch.zeros(g, nblk + 1, t + 1, device=dev, dtype=torch.int32)
-    wsum = torch.zeros(g, nblk + 1, t + 1, device=dev, dtype=torch.float64)
-    idx_blk = (blk_of_n + 1).expand(g, t)
-    cnt[torch.arange(g, device=dev)[:, None], idx_blk, rank + 1] = valid_b.int()
-    wsum[torch.arange(g, device=dev)[:, None], idx_blk, rank + 1] = wb_valid
-    cnt = cnt.cumsum(1).cumsum(2)  # [G, nblk+1, T+1]
-    wsum = wsum.cumsum(1).cumsum(2)
-    beta = blk_of_n.expand(g, r, t)  # block of each query
-
-    def table(tab: Tensor, rho: Tensor) -> Tensor:
-        flat = (beta * (t + 1) + rho).reshape(g, r * t)  # [G, R·T]
-        return tab.reshape(g, -1).gather(1, flat).reshape(g, r, t)
-
-    cross_n = table(cnt, hi).long() - table(cnt, lo).long()
-    cross_w = table(wsum, hi) - table(wsum, lo)
+    # ---- keys in earlier blocks: prefix counts over ranks, swept block by block
+    beta_n, beta_w = _prefix_sweep(rank, valid_b, wb_valid, lo, hi, s)
+    cross_n = beta_n[0] - beta_n[1]
+    cross_w = beta_w[0] - beta_w[1]
 
     # ---- in-block keys n in [β·s, m): compare ranks directly
     def blocks(x: Tensor, fill) -> Tensor:  # [..., T] -> [..., nblk, s]
@@ -142,10 +129,9 @@ def pair_stats(
     lo_b = blocks(lo, 0)[..., None]  # [G, R, nblk, s, 1]  (query m)
     hi_b = blocks(hi, 0)[..., None]
     causal = torch.ones(s, s, dtype=torch.bool, device=dev).tril(-1)  # [m, n]: n < m
-    below_hi = (rk < hi_b) & causal
-    below_lo = (rk < lo_b) & causal
-    in_n = (below_hi.sum(-1) - below_lo.sum(-1)).reshape(g, r, nblk * s)[..., :t]
-    in_w = ((below_hi.double() - below_lo.double()) * wk).sum(-1).reshape(g, r, nblk * s)[..., :t]
+    step = ((rk < hi_b) & causal).to(torch.int8) - ((rk < lo_b) & causal).to(torch.int8)
+    in_n = step.sum(-1, dtype=torch.int64).reshape(g, r, nblk * s)[..., :t]
+    in_w = (step * wk).sum(-1).reshape(g, r, nblk * s)[..., :t]
 
     # For a ≥ π the rank interval [hi, lo) is the complement: count = valid prefix − it.
     raw_n = cross_n + in_n
@@ -158,7 +144,7 @@ def pair_stats(
     weight_d = (per_m_w * wa).sum(-1)
     weight_all = (wc * wa).sum(-1)
 
-    hist = _theta_hist(a, valid_a, b, valid_b, bins, s, nblk, pad)
+    hist = _theta_hist(a, valid_a, b, valid_b, bins, min(8, t))
     pairs = t * (t - 1) // 2
     # Pairs with a zero slice have Θ = 0: bin 0.
     hist[..., 0] += pairs - hist.sum(-1)
@@ -169,8 +155,38 @@ def pair_stats(
     return PairStats(count_d, weight_d, weight_all, hist, mean_product, pairs)
 
 
-def _theta_hist(a, valid_a, b, valid_b, bins, s, nblk, pad) -> Tensor:
+def _prefix_sweep(rank, valid_b, wb_valid, lo, hi, s):
+    """``P(m, ρ)`` over the keys in blocks before ``m``'s block, for ``ρ = hi`` and ``lo``.
+
+    Sweeps time a block at a time: the keys seen so far are marked at their ranks, and one
+    cumulative sum over ranks gives ``#{n < β·s : r_n < ρ}`` for every ``ρ`` at once, so
+    each query is one lookup. ``O(T/s)`` cumulative sums of length ``T`` per group.
+    Returns ``((P_hi, P_lo) counts, (P_hi, P_lo) weights)``, each ``[G, R, T]``.
+    """
+    g, r, t = lo.shape
+    dev = lo.device
+    seen_n = torch.zeros(g, t + 1, dtype=torch.int32, device=dev)  # index ρ+1 marks rank ρ
+    seen_w = torch.zeros(g, t + 1, dtype=torch.float64, device=dev)
+    out_n = torch.zeros(2, g, r, t, dtype=torch.int32, device=dev)
+    out_w = torch.zeros(2, g, r, t, dtype=torch.float64, device=dev)
+    thr = torch.stack([hi, lo]).permute(1, 0, 2, 3)  # [G, 2, R, T]
+    for start in range(0, t, s):
+        stop = min(start + s, t)
+        if start:  # queries of this block see every key of earlier blocks
+            idx = thr[..., start:stop].reshape(g, -1)  # [G, 2·R·w]
+            shape = (g, 2, r, stop - start)
+            out_n[..., start:stop] = seen_n.cumsum(1, dtype=torch.int32).gather(1, idx).reshape(shape).transpose(0, 1)
+            out_w[..., start:stop] = seen_w.cumsum(1).gather(1, idx).reshape(shape).transpose(0, 1)
+        pos = rank[:, start:stop] + 1
+        seen_n.scatter_(1, pos, valid_b[:, start:stop].int())
+        seen_w.scatter_(1, pos, wb_valid[:, start:stop])
+    return out_n.long(), out_w
+
+
+def _theta_hist(a, valid_a, b, valid_b, bins, s) -> Tensor:
     g, r, t = a.shape
+    nblk = -(-t // s)
+    pad = nblk * s - t
     dev = a.device
     ba = torch.clamp((a * (bins / TWO_PI)).long(), max=bins - 1)  # [G, R, T]
     bb = torch.clamp((b * (bins / TWO_PI)).long(), max=bins - 1)  # [G, T]
@@ -192,7 +208,8 @@ def _theta_hist(a, valid_a, b, valid_b, bins, s, nblk, pad) -> Tensor:
     pb = torch.nn.functional.pad(bb, (0, pad)) if pad else bb
     va = torch.nn.functional.pad(valid_a, (0, pad)) if pad else valid_a
     vb = torch.nn.functional.pad(valid_b, (0, pad)) if pad else valid_b
-    d = (pa.reshape(g, r, nblk, s, 1) - pb.reshape(g, 1, nblk, 1, s)) % bins  # [G, R, nblk, s, s]
+    d = pa.reshape(g, r, nblk, s, 1).int() - pb.reshape(g, 1, nblk, 1, s).int()  # [G, R, nblk, s, s]
+    d = torch.where(d < 0, d + bins, d).long()
     causal = torch.ones(s, s, dtype=torch.bool, device=dev).tril(-1)
     keep = causal & va.reshape(g, r, nblk, s, 1) & vb.reshape(g, 1, nblk, 1, s)
     hist.scatter_add_(2, d.reshape(g, r, -1), keep.reshape(g, r, -1).double())

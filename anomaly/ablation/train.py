@@ -1,0 +1,238 @@
+"""Build and train the three ablation models, with resumable safetensors checkpoints.
+
+All variants start from the *same* random initialisation (``model_seed``): the model is
+built as a plain HF ``LlamaForCausalLM`` and the CoCA variants are then converted in place
+by :func:`anomaly.coca.to_coca`, which keeps every parameter (``k_proj`` becomes the T
+projection). They then see the same batches in the same order for the same number of steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from anomaly.ablation.config import COCA_VARIANT, AblationConfig
+from anomaly.ablation.data import EOS
+from anomaly.cli import UserError
+from anomaly.io import atomic_dir
+
+CHECKPOINT = "checkpoint"
+"""Name of a variant's checkpoint directory (``model.safetensors``, ``optimizer.safetensors``,
+``state.json``)."""
+
+
+def rope_parameters(config: AblationConfig, scaling: str = "none") -> dict:
+    """HF ``rope_parameters`` for an evaluation scaling: ``none`` or ``ntk-<factor>``.
+
+    Dynamic NTK takes its original length from ``max_position_embeddings``, which the
+    ablation models set to the training length.
+    """
+    base = config.model.rope_theta
+    if scaling == "none":
+        return {"rope_type": "default", "rope_theta": base}
+    if scaling.startswith("ntk-"):
+        return {"rope_type": "dynamic", "factor": float(scaling[4:]), "rope_theta": base}
+    raise ValueError(f"unknown scaling {scaling!r}; use 'none' or 'ntk-<factor>'")
+
+
+def build_model(config: AblationConfig, variant: str):
+    """A randomly initialised model of ``variant`` (same weights for every variant).
+
+    Returns:
+        ``LlamaForCausalLM`` in train mode, float32, on the CPU.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = config.model
+    hf_config = LlamaConfig(
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_heads,
+        head_dim=m.head_dim,
+        # Dynamic NTK's "original length" is max_position_embeddings: the training length.
+        max_position_embeddings=config.data.train_length,
+        rope_parameters=rope_parameters(config, "none"),
+        tie_word_embeddings=True,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(config.model_seed)
+    model = LlamaForCausalLM(hf_config)
+    coca = COCA_VARIANT[variant]
+    if coca is not None:
+        model = _to_coca()(model, coca)
+    return model.train()
+
+
+def _to_coca():
+    """``anomaly.coca.to_coca``, imported when first needed."""
+    try:
+        from anomaly.coca import to_coca
+    except (ImportError, AttributeError) as exc:
+        raise UserError(
+            f"the CoCA variants need anomaly.coca.to_coca, which cannot be imported ({exc}); "
+            "run with --variants rope until it is available"
+        ) from None
+    return to_coca
+
+
+def learning_rate(config: AblationConfig, step: int) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr_ratio · lr`` at the last step."""
+    t = config.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, config: AblationConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, norms and the (tied) embedding do not."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim == 2 and "embed" not in name else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": config.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.train.lr, betas=(0.9, 0.95))
+
+
+@dataclass
+class TrainState:
+    """Progress of one variant's training, saved with each checkpoint."""
+
+    step: int = 0
+    """Optimiser steps done."""
+    curve: dict[str, list[float]] = field(default_factory=lambda: {"step": [], "loss": [], "lr": []})
+    """Training curve: mean loss over the last ``log_every`` steps, at each logged step."""
+    train_seconds: float = 0.0
+    """Wall time spent in training steps (forward, backward, update), over all resumptions."""
+    timed_tokens: int = 0
+    """Tokens processed in the timed steps (the first steps of each session are warm-up and
+    not timed)."""
+    timed_seconds: float = 0.0
+    """Wall time of the timed steps."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Training throughput (tokens per second) over the timed steps."""
+        return self.timed_tokens / self.timed_seconds if self.timed_seconds else float("nan")
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+    return {f"{i}.{k}": v.detach().clone() for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = value
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None, state: TrainState) -> None:
+    """Write ``path`` (a directory) atomically: weights, optimiser moments, progress."""
+    with atomic_dir(path) as tmp:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        # Tied embeddings: safetensors refuses shared storage; the head is re-tied on load.
+        weights.pop("lm_head.weight", None)
+        save_file(weights, str(tmp / "model.safetensors"))
+        if opt is not None:
+            save_file({k: v.cpu() for k, v in _optimizer_tensors(opt).items()}, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state.__dict__, indent=1))
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None = None) -> TrainState:
+    """Load weights (and optimiser moments when ``opt`` is given) from ``path``."""
+    device = next(model.parameters()).device
+    weights = load_file(str(path / "model.safetensors"), device=str(device))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise UserError(f"checkpoint {path} does not fit the model (missing {missing}, unexpected {unexpected}); "
+                        "use a fresh --out directory")
+    model.tie_weights()
+    if opt is not None and (path / "optimizer.safetensors").exists():
+        _load_optimizer(opt, load_file(str(path / "optimizer.safetensors"), device=str(device)))
+    return TrainState(**json.loads((path / "state.json").read_text()))
+
+
+def train(
+    model: torch.nn.Module,
+    batches: Tensor,
+    config: AblationConfig,
+    checkpoint: Path,
+    *,
+    deadline: float | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainState:
+    """Train ``model`` on ``batches`` (``int64[steps · batch, T]``), resuming from ``checkpoint``.
+
+    Stops early, after writing a checkpoint, once ``time.monotonic()`` passes ``deadline``;
+    calling again with the same arguments continues from there. Returns the progress
+    (``state.step == config.train.steps`` when done).
+    """
+    t = config.train
+    device = next(model.parameters()).device
+    opt = make_optimizer(model, config)
+    state = load_checkpoint(checkpoint, model, opt) if (checkpoint / "state.json").exists() else TrainState()
+    if state.step >= t.steps:
+        return state
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    model.train()
+    window: list[float] = []
+    session_step = 0
+    while state.step < t.steps:
+        start = time.perf_counter()
+        lr = learning_rate(config, state.step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = batches[state.step * t.batch_size : (state.step + 1) * t.batch_size].to(device)  # [B, T]
+        with autocast:
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.item()  # synchronises, so the timing below is honest on a GPU
+        if not math.isfinite(value):
+            raise RuntimeError(f"training loss became {value} at step {state.step}")
+        elapsed = time.perf_counter() - start
+        state.step += 1
+        session_step += 1
+        state.train_seconds += elapsed
+        if session_step > 2:  # the first steps of a session warm up kernels and caches
+            state.timed_seconds += elapsed
+            state.timed_tokens += batch.numel()
+        window.append(value)
+        if state.step % t.log_every == 0 or state.step == t.steps:
+            state.curve["step"].append(state.step)
+            state.curve["loss"].append(sum(window) / len(window))
+            state.curve["lr"].append(lr)
+            log(f"step {state.step}/{t.steps} loss {state.curve['loss'][-1]:.3f} "
+                f"({state.tokens_per_s:.0f} tok/s)")
+            window = []
+        out_of_time = deadline is not None and time.monotonic() > deadline
+        if state.step % t.checkpoint_every == 0 or state.step == t.steps or out_of_time:
+            save_checkpoint(checkpoint, model, opt, state)
+        if out_of_time:
+            break
+    model.eval()
+    return state
+

