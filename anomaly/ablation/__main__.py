@@ -3,7 +3,9 @@
 Trains ``rope``, ``coca_slack`` and ``coca_strict`` from scratch with identical settings,
 evaluates perplexity and passkey retrieval at 1×–16× the training length with and without
 dynamic NTK, probes the trained models' anomalous fractions, and writes ``DIR/results.json``.
-Re-running the same command resumes an interrupted or time-limited run.
+Re-running the same command resumes an interrupted or time-limited run. The figures land in
+``DIR/figures``; ``python -m anomaly.ablation.plots DIR/results.json --out figures``
+regenerates them from the results alone.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="stop (after a checkpoint) once this many minutes have passed; rerun to resume")
     p.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
     p.add_argument("--no-probe", action="store_true", help="skip the anomalous-fraction probe")
+    p.add_argument("--no-figures", action="store_true", help="do not write DIR/figures at the end")
     return p.parse_args(argv)
 
 
@@ -47,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--out {args.out} exists and is not a directory; choose a directory")
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     results = run(config, args.out, variants=args.variants, device=args.device, deadline=deadline,
-                  probe=not args.no_probe, log=lambda s: print(s, flush=True))
+                  probe=not args.no_probe, figures=not args.no_figures, log=lambda s: print(s, flush=True))
     return 0 if results is not None else 3
 
 

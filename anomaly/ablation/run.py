@@ -7,7 +7,8 @@ Everything lands under the output directory and every step is resumable::
     DIR/<variant>/checkpoint/       model.safetensors, optimizer.safetensors, state.json
     DIR/<variant>/eval_<scaling>.json
     DIR/<variant>/geometry.json     anomalous fractions of the trained model
-    DIR/results.json                written last, atomically, once everything is done
+    DIR/results.json                written atomically once everything is done
+    DIR/figures/ablation_*          its figures (anomaly.ablation.plots), written last
 
 A step whose output exists is skipped, so a run stopped by ``deadline`` (``--max-minutes``)
 or killed continues where it stopped when the same command is run again.
@@ -68,9 +69,13 @@ def run(
     device: str = "auto",
     deadline: float | None = None,
     probe: bool = True,
+    figures: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict | None:
     """Run (or resume) the ablation in ``out``.
+
+    With ``figures``, the figures of :mod:`anomaly.ablation.plots` are written to
+    ``out/figures/ablation_*.{pdf,png,json}`` once ``results.json`` is.
 
     Returns:
         The results dict (also written to ``out/results.json``), or ``None`` when
@@ -94,6 +99,13 @@ def run(
     results = assemble(config, data, per_variant, dev, time.perf_counter() - started)
     write_json(out / "results.json", results)
     log(f"wrote {out / 'results.json'}")
+    if figures:
+        from anomaly.ablation.plots import save_all
+
+        prov = Provenance.from_argv(model=f"ablation/{config.preset}", seed=config.model_seed,
+                                    extra={"results": str(out / "results.json")})
+        paths = save_all(json.loads((out / "results.json").read_text()), out / "figures", prov)
+        log(f"wrote {len(paths) // 3} figures to {out / 'figures'}")
     return results
 
 

