@@ -112,6 +112,10 @@ def test_strict_anomalous_fraction_is_exactly_zero(results):
     assert (strict == 0).all() and geo["coca_strict"]["mean"] == 0 and geo["coca_strict"]["weighted_mean"] == 0
     assert geo["rope"]["mean"] > 0.05
     assert geo["coca_slack"]["mean"] > 0
+    # Slack's score moves with absolute position; RoPE and strict carry no such record.
+    spread = geo["coca_slack"]["slack_spread"]["overall_median_spread"]
+    assert spread and all(v > 0 for v in spread.values())
+    assert "slack_spread" not in geo["rope"] and "slack_spread" not in geo["coca_strict"]
 
 
 def test_dynamic_ntk_is_identity_up_to_train_length(results):

@@ -28,7 +28,7 @@ import torch
 from anomaly.ablation.config import COCA_VARIANT, VARIANTS, AblationConfig, config_from_dict
 from anomaly.ablation.data import AblationData, build_data
 from anomaly.ablation.evaluate import ScalingResult, evaluate_scaling
-from anomaly.ablation.geometry import anomalous_fractions
+from anomaly.ablation.geometry import anomalous_fractions, slack_spread
 from anomaly.ablation.train import CHECKPOINT, TrainState, build_model, load_checkpoint, train
 from anomaly.cli import UserError
 from anomaly.io import Provenance, write_json
@@ -156,6 +156,13 @@ def run_variant(
         geometry.update(text=name, seconds=time.perf_counter() - start)
         write_json(vdir / "geometry.json", geometry)
         log(f"[{variant}] anomalous fraction {geometry['mean']:.3f} (weighted {geometry['weighted_mean']:.3f})")
+    if probe and variant == "coca_slack" and geometry is not None and "slack_spread" not in geometry:
+        ids = data.held_out[geometry["text"]][: geometry["tokens"]][None].to(device)  # [1, tokens]
+        geometry["slack_spread"] = slack_spread(model, ids, config.data.train_length, max(config.eval_lengths))
+        write_json(vdir / "geometry.json", geometry)
+        spread = geometry["slack_spread"]["overall_median_spread"]
+        log(f"[{variant}] slack score spread over absolute positions / |relative part|: "
+            + ", ".join(f"s={s}: {v:.2f}" for s, v in spread.items()))
     return {"state": state, "eval": evals, "geometry": geometry}
 
 
