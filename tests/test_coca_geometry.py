@@ -76,3 +76,12 @@ def test_measure_on_a_tiny_model():
     summary = summarise(layers)
     assert set(summary["overall_median_spread"]) == {1, 4}
     assert 0 < summary["mean_case_d_share"] < 1
+
+
+def test_measure_refuses_distances_beyond_the_contents():
+    import pytest
+
+    model = tiny_model("llama")
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="needs more than 8 tokens"):
+        measure(model, ids, distances=[8], positions=torch.arange(4))

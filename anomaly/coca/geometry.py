@@ -16,7 +16,7 @@ Two measurements on the query and T contents a model actually produces:
 Command line (the bundled SmolLM2 by default, or an HF folder / ``.gguf`` / CoCA
 checkpoint saved with ``save_pretrained``)::
 
-    python -m anomaly.coca.geometry [--model PATH] [--tokens 256] [--distances 1 16 256]
+    python -m anomaly.coca.geometry [--model PATH] [--tokens 512] [--distances 1 16 256]
 
 With an unconverted model the key projection stands in for T, which measures the geometry
 CoCA would start from when dropped into that model, not that of a trained CoCA model.
@@ -104,6 +104,9 @@ def measure(
     """
     from anomaly.probe.capture import capture
 
+    seq = input_ids.shape[-1]
+    if max(distances) >= seq:
+        raise ValueError(f"distance {max(distances)} needs more than {seq} tokens of contents")
     cap = capture(model, input_ids)
     if cap.rotary_dim != cap.head_dim:
         raise ValueError("CoCA rotates the whole head; this model uses partial rotary")
@@ -116,8 +119,8 @@ def measure(
         seq = q.shape[1]
         spread = {}
         for s in distances:
-            i = torch.randint(min(s, seq - 1), seq, (pairs,), generator=g)  # query tokens
-            j = (i - s).clamp_min(0)  # their keys' tokens
+            i = torch.randint(s, seq, (pairs,), generator=g)  # query tokens
+            j = i - s  # their keys' tokens
             rs = slack_relative_spread(q[:, i], t[:, j], freqs, distance=s, positions=positions,
                                        layout=cap.layout)
             spread[s] = [rs.median().item(), rs.quantile(0.9).item()]
@@ -147,14 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int | None:
 
     ap = argparse.ArgumentParser(prog="python -m anomaly.coca.geometry", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="HF folder, .gguf file or CoCA checkpoint (default: bundled SmolLM2)")
-    ap.add_argument("--tokens", type=int, default=256, help="tokens of Hamlet whose contents are used")
+    ap.add_argument("--tokens", type=int, default=512, help="tokens of Hamlet whose contents are used")
     ap.add_argument("--distances", type=int, nargs="+", default=[1, 16, 256])
     ap.add_argument("--positions", type=int, default=4096, help="absolute key positions 0..N (step 16)")
     ap.add_argument("--pairs", type=int, default=64, help="content pairs per layer and distance")
     ap.add_argument("--json", type=Path, help="write the per-layer results here")
     args = ap.parse_args(argv)
-    if args.tokens < 2 or min(args.distances) < 1:
-        raise UserError("--tokens must be at least 2 and every --distance at least 1")
+    if min(args.distances) < 1 or max(args.distances) >= args.tokens:
+        raise UserError("every --distances value must be at least 1 and below --tokens "
+                        f"({args.tokens}); raise --tokens or drop the long distances")
     from anomaly.models import BUNDLED, load_model
 
     loaded = load_model(args.model or BUNDLED, "cpu", "float32")
