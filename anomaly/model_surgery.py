@@ -260,6 +260,38 @@ def detect_layout(cos: Tensor) -> str:
     raise UserError("the model's rotary table matches neither the half nor the interleaved layout")
 
 
+def applied_layout(attn: nn.Module, cos: Tensor, sin: Tensor, table_layout: str) -> str:
+    """The layout in which ``attn`` *applies* its ``(cos, sin)`` table.
+
+    Most families apply the table in the layout it is built in, but some (GLM, GLM-4,
+    Helium, ERNIE-4.5, ...) build it as ``cat(f, f)`` and re-interleave it inside their
+    ``apply_rotary_pos_emb``: the table reads ``half`` while the rotation pairs dims
+    ``(2j, 2j+1)``. So the layout is read off the family's own ``apply_rotary_pos_emb``:
+    a unit vector along dim 0 is rotated at the first non-zero position and the dim its
+    slice partner lands on (1: interleaved, ``d/2``: half) tells the layout. Falls back to
+    ``table_layout`` where the function is missing or has another signature.
+    """
+    import sys
+
+    fn = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
+    d = cos.shape[-1]
+    c, s = cos.reshape(-1, d), sin.reshape(-1, d)
+    if fn is None or d < 4 or c.shape[0] < 2:
+        return table_layout
+    x = torch.zeros(1, 1, 1, d, dtype=c.dtype, device=c.device)  # [batch, heads, seq, d]
+    x[..., 0] = 1
+    try:
+        out = fn(x, x, c[1:2][None], s[1:2][None])[0].reshape(d).float()  # position 1
+    except Exception:  # another signature (multimodal rotary, ...): trust the table
+        return table_layout
+    inter, half = out[1].abs().item(), out[d // 2].abs().item()
+    if inter > 0 and half == 0:
+        return "interleaved"
+    if half > 0 and inter == 0:
+        return "half"
+    return table_layout
+
+
 def match_frequencies(
     model: nn.Module, cos: Tensor, sin: Tensor, positions: Tensor, layout: str
 ) -> tuple[Tensor, float]:

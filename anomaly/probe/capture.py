@@ -212,8 +212,11 @@ def capture(
         cos, sin = rotation
         q, k = site.split(tuple(rec[i] for i in range(len(site.sources))))  # [1, s, h, d]
         if meta.layout is None:
-            meta.layout = surgery.detect_layout(cos)
-        freqs, rope_scale = surgery.match_frequencies(model, cos, sin, positions, meta.layout)
+            # The table's own pattern gives its frequencies; the layer may apply it in
+            # the other layout (GLM, Helium, ERNIE-4.5 re-interleave a cat(f, f) table).
+            meta.table_layout = surgery.detect_layout(cos)
+            meta.layout = surgery.applied_layout(site.attention, cos, sin, meta.table_layout)
+        freqs, rope_scale = surgery.match_frequencies(model, cos, sin, positions, meta.table_layout)
         d_rot = cos.shape[-1]
         # float32 statistics for half-precision models; float64 models stay float64.
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -266,4 +269,7 @@ class CaptureMeta:
     positions: Tensor
     """``[seq]`` position ids."""
     layout: str | None = None
-    """Detected layout, set once the first layer has run."""
+    """Layout the layers apply the rotation in (SPEC §1), set once the first layer has run."""
+    table_layout: str | None = None
+    """Layout of the model's ``(cos, sin)`` table (differs from :attr:`layout` for GLM,
+    Helium, ERNIE-4.5)."""

@@ -126,5 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry(argv: Sequence[str] | None = None) -> int:
-    torch.set_grad_enabled(False)
-    return run_main(main, argv)
+    # A context, not torch.set_grad_enabled(False): called in-process (tests, notebooks)
+    # the entry point must not switch autograd off for its caller.
+    with torch.no_grad():
+        return run_main(main, argv)

