@@ -61,14 +61,15 @@ def mean_logit_by_distance(layer: LayerCapture, positions: Tensor, layout: str) 
     """
     q = apply_rope(layer.q.double(), positions, layer.inv_freq.double(), layout, scale=layer.rope_scale)
     k = apply_rope(layer.k.double(), positions, layer.inv_freq.double(), layout, scale=layer.rope_scale)
-    q = torch.cat([q, layer.q_pass.double()], -1)  # [H, T, D]
-    k = torch.cat([k, layer.k_pass.double()], -1)  # [KV, T, D]
-    t = q.shape[1]
+    q = torch.cat([q, layer.q_pass.double()], -1).transpose(1, 2)  # [H, D, T]: FFT along contiguous time
+    k = torch.cat([k, layer.k_pass.double()], -1).transpose(1, 2)  # [KV, D, T]
+    h, d, t = q.shape
+    kv = k.shape[0]
     n = 2 * t  # zero padding: circular lags become linear ones
-    fq = torch.fft.rfft(q, n=n, dim=1)  # [H, n/2+1, D]
-    fk = torch.fft.rfft(k, n=n, dim=1)
-    fk = fk.repeat_interleave(q.shape[0] // k.shape[0], dim=0)  # [H, n/2+1, D]
-    corr = torch.fft.irfft((fq * fk.conj()).sum(-1), n=n, dim=1)[:, :t]  # [H, T]: Σ_m q_m·k_{m−s}
+    fq = torch.fft.rfft(q.contiguous(), n=n, dim=-1).reshape(kv, h // kv, d, -1)  # [KV, R, D, n/2+1]
+    fk = torch.fft.rfft(k.contiguous(), n=n, dim=-1)[:, None]  # [KV, 1, D, n/2+1], shared by its R heads
+    spec = (fq * fk.conj()).sum(2).reshape(h, -1)  # Σ over dims before the (linear) inverse FFT
+    corr = torch.fft.irfft(spec, n=n, dim=-1)[:, :t]  # [H, T]: Σ_m q_m·k_{m−s}
     counts = torch.arange(t, 0, -1, dtype=torch.float64, device=q.device)  # T − s pairs
     return corr / counts * layer.softmax_scale
 
