@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 import reference as ref
 from anomaly import rope
 from anomaly.probe import attention_logits, attention_probabilities, capture, probe
-from anomaly.probe.stats import pair_stats
+from anomaly.probe.stats import pair_stats, slice_pair_stats
 
 TWO_PI = 2 * math.pi
 # Random tiny models are initialised at 0.1 (not HF's 0.02) so that their attention is far
@@ -352,12 +352,13 @@ def phase_sets(draw):
     return a, wa, b, wb, block, bins
 
 
+@pytest.mark.parametrize("method", ["sweep", "blocks"])
 @settings(max_examples=60, deadline=None, database=None)
-@given(phase_sets())
-def test_pair_stats_equals_brute_force(data):
+@given(data=phase_sets())
+def test_pair_stats_equals_brute_force(method, data):
     a, wa, b, wb, block, bins = data
     g, r, t = a.shape
-    st_ = pair_stats(*(torch.from_numpy(x) for x in (a, wa, b, wb)), bins=bins, block=block)
+    st_ = pair_stats(*(torch.from_numpy(x) for x in (a, wa, b, wb)), bins=bins, block=block, method=method)
     count = np.zeros((g, r), dtype=np.int64)
     wd, wall = np.zeros((g, r)), np.zeros((g, r))
     hist = np.zeros((g, r, bins), dtype=np.int64)
@@ -376,8 +377,8 @@ def test_pair_stats_equals_brute_force(data):
                         count[gi, ri] += 1
                         wd[gi, ri] += w
                     # The documented binning: bin(a) − bin(b) mod bins, bin = ⌊phase·bins/2π⌋.
-                    bin_a = min(int(a[gi, ri, m] * (bins / TWO_PI)), bins - 1)
-                    bin_b = min(int(b[gi, n] * (bins / TWO_PI)), bins - 1)
+                    bin_a = min(int(a[gi, ri, m] * bins / TWO_PI), bins - 1)
+                    bin_b = min(int(b[gi, n] * bins / TWO_PI), bins - 1)
                     hist[gi, ri, (bin_a - bin_b) % bins] += 1
     assert st_.pairs == t * (t - 1) // 2
     np.testing.assert_array_equal(st_.count_d.numpy(), count)
@@ -385,6 +386,25 @@ def test_pair_stats_equals_brute_force(data):
     np.testing.assert_allclose(st_.weight_all.numpy(), wall, rtol=1e-10, atol=1e-10)
     np.testing.assert_array_equal(st_.hist.numpy(), hist)
     np.testing.assert_allclose(st_.mean_product.numpy(), prod, rtol=1e-9, atol=1e-9)
+
+
+def test_slice_pair_stats_sweep_equals_blocks():
+    """The probe's entry point: the compiled one-pass form (phases computed inside) and
+    the vectorised tensor form agree on real-valued slices, zero slices and tied keys."""
+    g = torch.Generator().manual_seed(3)
+    for (G, R, T) in [(5, 3, 50), (7, 1, 123), (4, 2, 300)]:
+        qr, qi = torch.randn(G, R, T, generator=g), torch.randn(G, R, T, generator=g)
+        kr, ki = torch.randn(G, T, generator=g), torch.randn(G, T, generator=g)
+        qr[0, 0, :7] = qi[0, 0, :7] = 0  # zero query slices
+        kr[1, :9] = ki[1, :9] = 0  # zero key slices
+        kr[2, 5:10], ki[2, 5:10] = kr[2, 0], ki[2, 0]  # tied key phases
+        sweep = slice_pair_stats(qr, qi, kr, ki, bins=16, method="sweep")
+        blocks = slice_pair_stats(qr, qi, kr, ki, bins=16, method="blocks")
+        assert torch.equal(sweep.count_d, blocks.count_d)
+        assert torch.equal(sweep.hist, blocks.hist)
+        assert sweep.hist.sum(-1).eq(T * (T - 1) // 2).all()
+        for field in ("weight_d", "weight_all", "mean_product", "q_norm", "k_norm"):
+            torch.testing.assert_close(getattr(sweep, field), getattr(blocks, field), rtol=1e-10, atol=1e-10)
 
 
 # --------------------------------------------------------------------------------------

@@ -199,6 +199,7 @@ def capture(
     store: dict = {}
     kept: list[LayerCapture] = []
     meta = CaptureMeta(positions=positions)
+    matched: dict[tuple, tuple[Tensor, float]] = {}
 
     def on_done(layer: int) -> None:
         rec = store.pop(layer)
@@ -216,13 +217,21 @@ def capture(
             # the other layout (GLM, Helium, ERNIE-4.5 re-interleave a cat(f, f) table).
             meta.table_layout = surgery.detect_layout(cos)
             meta.layout = surgery.applied_layout(site.attention, cos, sin, meta.table_layout)
-        freqs, rope_scale = surgery.match_frequencies(model, cos, sin, positions, meta.table_layout)
+        # HF hands every layer of a type the same (cos, sin) tensors: match them once.
+        # (Keyed by address and the last position's row, so a freed table's address reused
+        # by another table is not mistaken for it.)
+        last = torch.stack([cos.reshape(-1, cos.shape[-1])[-1], sin.reshape(-1, sin.shape[-1])[-1]])
+        key = (cos.data_ptr(), sin.data_ptr(), tuple(cos.shape), tuple(last.double().flatten().tolist()))
+        if key not in matched:
+            matched[key] = surgery.match_frequencies(model, cos, sin, positions, meta.table_layout)
+        freqs, rope_scale = matched[key]
         d_rot = cos.shape[-1]
         # float32 statistics for half-precision models; float64 models stay float64.
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         q = q[0].transpose(0, 1).to(dtype)  # [1, s, h, d] -> [h, s, d]
         k = k[0].transpose(0, 1).to(dtype)  # [1, s, kv, d] -> [kv, s, d]
-        if not (torch.isfinite(q).all() and torch.isfinite(k).all()):
+        # One reduction each: a NaN or ±inf anywhere makes the sum non-finite.
+        if not (torch.isfinite(q.sum(dtype=torch.float64)) and torch.isfinite(k.sum(dtype=torch.float64))):
             raise UserError(
                 f"layer {layer} produced NaN or infinite queries/keys; run in float32 "
                 "(--dtype float32) or check the weights"

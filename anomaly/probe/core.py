@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from anomaly import analytic
 from anomaly.model_surgery import config_of
 from anomaly.probe.capture import CaptureMeta, LayerCapture, capture
-from anomaly.probe.stats import pair_stats, phases
-from anomaly.rope import RopeScaling, apply_rope, to_complex
+from anomaly.probe.stats import slice_pair_stats
+from anomaly.rope import RopeScaling, apply_rope, slice_members
 
 CHANCE_FRACTION = 0.5
 """Expected case-(d) share for isotropic phases: Θ is then uniform on [0, 2π)."""
@@ -80,15 +80,18 @@ def _layer_stats(layer: LayerCapture, meta: CaptureMeta, bins: int) -> dict[str,
     h, t, _ = q.shape
     kv = k.shape[0]
     r = h // kv
-    a, wa = phases(to_complex(q, layout))  # [H, T, J]
-    b, wb = phases(to_complex(k, layout))  # [KV, T, J]
-    j = a.shape[-1]
+    q_re, q_im = slice_members(q, layout)  # [H, T, J] each (views)
+    k_re, k_im = slice_members(k, layout)  # [KV, T, J]
+    j = q_re.shape[-1]
+
     # Group by (key head, slice): queries [KV·J, R, T], keys [KV·J, T].
-    ga = a.reshape(kv, r, t, j).permute(0, 3, 1, 2).reshape(kv * j, r, t)
-    gwa = wa.reshape(kv, r, t, j).permute(0, 3, 1, 2).reshape(kv * j, r, t)
-    gb = b.permute(0, 2, 1).reshape(kv * j, t)
-    gwb = wb.permute(0, 2, 1).reshape(kv * j, t)
-    st = pair_stats(ga, gwa, gb, gwb, bins=bins)
+    def queries(x: Tensor) -> Tensor:
+        return x.reshape(kv, r, t, j).permute(0, 3, 1, 2).reshape(kv * j, r, t)
+
+    def keys(x: Tensor) -> Tensor:
+        return x.permute(0, 2, 1).reshape(kv * j, t)
+
+    st = slice_pair_stats(queries(q_re), queries(q_im), keys(k_re), keys(k_im), bins=bins)
 
     def per_head(x: Tensor) -> Tensor:  # [KV·J, R, ...] -> [H, J, ...]
         x = x.reshape(kv, j, r, *x.shape[2:]).transpose(1, 2)
@@ -110,8 +113,8 @@ def _layer_stats(layer: LayerCapture, meta: CaptureMeta, bins: int) -> dict[str,
         "concentration": concentration,
         "tau": analytic.causal_tau(mean_angle, freqs),
         "whole_context": analytic.anomalous_slices(mean_angle, freqs, t),
-        "q_norm": wa.mean(1),  # [H, J]
-        "k_norm": wb.mean(1),  # [KV, J]
+        "q_norm": per_head(st.q_norm),  # [H, J]
+        "k_norm": st.k_norm.reshape(kv, j),  # [KV, J]
         "mean_logit": mean_logit_by_distance(layer, meta.positions, layout),
         "inv_freq": freqs,
         "pairs": torch.tensor(st.pairs),

@@ -30,6 +30,11 @@ counting tip) everything is built from per-token phases:
   sums, exact. Its angle is the magnitude-weighted circular mean of Θ; it is the slice's
   average contribution to the score before rotation.
 
+On the CPU the probe computes all of this in one compiled pass per group instead
+(:mod:`anomaly.probe.sweep`: a Fenwick tree over phase ranks, swept in time order), which
+is exact too and several times faster; the vectorised form here serves GPUs, and each
+checks the other in the tests.
+
 All functions take phases and magnitudes already grouped for grouped-query attention:
 ``G`` groups (key head × slice), ``R`` query heads sharing each key head. Memory is
 ``O(G·R·T·max(s_t, s_r) + G·T²/(s_t s_r))``: nothing of size ``T²`` per slice.
@@ -75,6 +80,10 @@ class PairStats:
     """``[G, R]`` complex128: ``Σ_{m>n} q_{m,j} k̄_{n,j}``."""
     pairs: int
     """``T(T−1)/2``: causal pairs per slice."""
+    q_norm: Tensor | None = None
+    """``[G, R]`` float64: mean ``|q_j|`` over tokens."""
+    k_norm: Tensor | None = None
+    """``[G]`` float64: mean ``|k_j|`` over tokens."""
 
 
 def _block_sizes(t: int, r: int) -> tuple[int, int]:
@@ -99,7 +108,8 @@ def _small_int(n: int) -> torch.dtype:
 
 
 def pair_stats(
-    a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, *, bins: int = 64, block: int | None = None
+    a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, *, bins: int = 64, block: int | None = None,
+    method: str | None = None,
 ) -> PairStats:
     """Case-(d) counts, weights, Θ histograms and mean products over causal pairs.
 
@@ -107,28 +117,39 @@ def pair_stats(
         a, wa: query phases in ``[0, 2π)`` and magnitudes, ``[G, R, T]`` float64.
         b, wb: key phases and magnitudes, ``[G, T]`` float64.
         bins: Θ histogram bins over ``[0, 2π)``.
-        block: time and rank block size (default: balanced for ``T`` and ``R``, see
-            :func:`_block_sizes`); any value gives the same result.
+        block: ``"blocks"`` only: time and rank block size (default: balanced for ``T``
+            and ``R``, see :func:`_block_sizes`); any value gives the same result.
+        method: ``"sweep"`` (one compiled pass over time, :mod:`anomaly.probe.sweep`;
+            the default on the CPU) or ``"blocks"`` (the vectorised tensor form below; the
+            default on a GPU). Both are exact and give identical results.
 
     Returns:
         :class:`PairStats`. A zero query or key slice has Θ = 0 (never case (d)).
     """
     g, r, t = a.shape
-    s_t, s_r = (min(block, t), min(block, t)) if block else _block_sizes(t, r)
     valid_a, valid_b = wa > 0, wb > 0
     wk = torch.where(valid_b, wb, torch.zeros_like(wb))  # key weights; a zero key weighs 0
     wcum = torch.cumsum(wk, -1) - wk  # [G, T]: Σ_{n<m} |k_n|
-
-    step = _group_chunk(t, r, max(s_t, s_r), a.device)
-    parts = [
-        _case_d(a[i : i + step], wa[i : i + step], b[i : i + step], wk[i : i + step], s_t, s_r)
-        for i in range(0, g, step)
-    ]
-    count_d = torch.cat([p[0] for p in parts])
-    weight_d = torch.cat([p[1] for p in parts])
     weight_all = (wa * wcum[:, None, :]).sum(-1)
+    if method is None:
+        method = "sweep" if a.device.type == "cpu" else "blocks"
+    if method == "sweep":
+        from anomaly.probe.sweep import sweep_phases
 
-    hist = _theta_hist(a, valid_a, b, valid_b, bins, min(t, 8))
+        arrays = (x.detach().to(torch.float64).cpu().contiguous().numpy() for x in (a, wa, b, wk))
+        count_d, weight_d, hist = (torch.from_numpy(x).to(a.device) for x in sweep_phases(*arrays, bins))
+    elif method == "blocks":
+        s_t, s_r = (min(block, t), min(block, t)) if block else _block_sizes(t, r)
+        step = _group_chunk(t, r, max(s_t, s_r), a.device)
+        parts = [
+            _case_d(a[i : i + step], wa[i : i + step], b[i : i + step], wk[i : i + step], s_t, s_r)
+            for i in range(0, g, step)
+        ]
+        count_d = torch.cat([p[0] for p in parts])
+        weight_d = torch.cat([p[1] for p in parts])
+        hist = _theta_hist(a, valid_a, b, valid_b, bins, min(t, 8))
+    else:
+        raise ValueError(f"unknown pair_stats method {method!r}; use 'sweep' or 'blocks'")
     pairs = t * (t - 1) // 2
     # Pairs with a zero slice have Θ = 0: bin 0.
     hist[..., 0] += pairs - hist.sum(-1)
@@ -137,7 +158,38 @@ def pair_stats(
     zk = torch.polar(wb, b)
     zk_prefix = torch.cumsum(zk, -1) - zk  # Σ_{n<m} k_n
     mean_product = (zq * zk_prefix[:, None, :].conj()).sum(-1)
-    return PairStats(count_d, weight_d, weight_all, hist, mean_product, pairs)
+    return PairStats(count_d, weight_d, weight_all, hist, mean_product, pairs, wa.mean(-1), wb.mean(-1))
+
+
+def slice_pair_stats(
+    q_re: Tensor, q_im: Tensor, k_re: Tensor, k_im: Tensor, *, bins: int = 64, method: str | None = None
+) -> PairStats:
+    """:func:`pair_stats` straight from the slices' components (what the probe calls).
+
+    Args:
+        q_re, q_im: ``[G, R, T]`` real and imaginary parts of the query slices.
+        k_re, k_im: ``[G, T]`` of the key slices.
+        bins, method: as :func:`pair_stats`. On the CPU the default ``"sweep"`` computes
+            phases, magnitudes and every statistic in one compiled pass
+            (:func:`anomaly.probe.sweep.sweep_slices`) with no float64 tensor passes.
+    """
+    if method is None:
+        method = "sweep" if q_re.device.type == "cpu" else "blocks"
+    if method != "sweep":
+        a, wa = phases(torch.complex(q_re.float(), q_im.float()))
+        b, wb = phases(torch.complex(k_re.float(), k_im.float()))
+        return pair_stats(a, wa, b, wb, bins=bins, method=method)
+    from anomaly.probe.sweep import sweep_slices
+
+    g, r, t = q_re.shape
+    arrays = (x.detach().cpu().contiguous().numpy() for x in (q_re, q_im, k_re, k_im))
+    count, weight, hist, weight_all, product, q_abs, k_abs = (
+        torch.from_numpy(x) for x in sweep_slices(*arrays, bins)
+    )
+    pairs = t * (t - 1) // 2
+    hist[..., 0] += pairs - hist.sum(-1)  # pairs with a zero slice have Θ = 0
+    mean_product = torch.complex(product[..., 0], product[..., 1])
+    return PairStats(count, weight, weight_all, hist, mean_product, pairs, q_abs / t, k_abs / t)
 
 
 def _case_d(a: Tensor, wa: Tensor, b: Tensor, wk: Tensor, s_t: int, s_r: int) -> tuple[Tensor, Tensor]:
