@@ -60,6 +60,18 @@ def _sweep_group(a, wa, b, wb, bins, count, weight, hist):  # pragma: no cover -
     rank = np.empty(t_count, np.int64)
     for i in range(t_count):
         rank[order[i]] = i
+    # Bucket index of the sorted valid keys (⌊b·K/2π⌋, monotone in b), so "#{b < x}" is the
+    # keys of lower buckets plus a short scan of x's own bucket: O(1) instead of a search.
+    n_valid = 0
+    while n_valid < t_count and sorted_b[n_valid] < np.inf:
+        n_valid += 1
+    n_buckets = 2 * t_count
+    scale = n_buckets / TWO_PI
+    start = np.zeros(n_buckets + 1, np.int64)
+    for i in range(n_valid):
+        start[min(int(sorted_b[i] * scale), n_buckets - 1) + 1] += 1
+    for k in range(n_buckets):
+        start[k + 1] += start[k]
     tree_n = np.zeros(t_count + 1, np.int64)
     tree_w = np.zeros(t_count + 1, np.float64)
     key_bins = np.zeros(bins, np.int64)
@@ -73,8 +85,14 @@ def _sweep_group(a, wa, b, wb, bins, count, weight, hist):  # pragma: no cover -
                 continue
             x = a[r, m]
             upper = x + PI if x < PI else x - PI
-            f_lt = np.searchsorted(sorted_b, upper)  # #{b < upper}
-            f_le = np.searchsorted(sorted_b, x, side="right")  # #{b ≤ a}
+            k = min(int(upper * scale), n_buckets - 1)
+            f_lt = start[k]  # #{b < upper}
+            while f_lt < start[k + 1] and sorted_b[f_lt] < upper:
+                f_lt += 1
+            k = min(int(x * scale), n_buckets - 1)
+            f_le = start[k]  # #{b ≤ a}
+            while f_le < start[k + 1] and sorted_b[f_le] <= x:
+                f_le += 1
             n_hi, w_hi = _prefix(tree_n, tree_w, f_lt)
             n_lo, w_lo = _prefix(tree_n, tree_w, f_le)
             n = n_hi - n_lo
