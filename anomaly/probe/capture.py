@@ -98,17 +98,31 @@ class Capture:
         return self.layers[0].q.shape[-1]
 
 
+def rotated_heads(
+    layer: LayerCapture, positions: Tensor, layout: str, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """The query and key heads as the layer's attention multiplies them.
+
+    Rotates the captured q/k with :func:`anomaly.rope.apply_rope` (the layer's frequencies
+    and rotary factor) and appends the unrotated dims: ``q [heads, seq, head_dim]``,
+    ``k [kv_heads, seq, head_dim]``, in ``dtype`` (default: the capture's).
+    """
+    dtype = dtype or layer.q.dtype
+    freqs = layer.inv_freq.to(torch.promote_types(dtype, layer.inv_freq.dtype))
+    q = apply_rope(layer.q.to(dtype), positions, freqs, layout, scale=layer.rope_scale)
+    k = apply_rope(layer.k.to(dtype), positions, freqs, layout, scale=layer.rope_scale)
+    q = torch.cat([q, layer.q_pass.to(dtype)], dim=-1)  # [h, s, head_dim]
+    k = torch.cat([k, layer.k_pass.to(dtype)], dim=-1)  # [kv, s, head_dim]
+    return q, k
+
+
 def attention_logits(layer: LayerCapture, positions: Tensor, layout: str) -> Tensor:
     """The layer's pre-softmax, pre-mask logits rebuilt from the capture, ``[heads, seq, seq]``.
 
-    Rotates the captured q/k with :func:`anomaly.rope.apply_rope`, appends the unrotated
-    dims, repeats key heads for grouped-query attention and scales as the layer does.
-    Quadratic in ``seq``: meant for checks and short sequences.
+    :func:`rotated_heads`, key heads repeated for grouped-query attention, scaled as the
+    layer does. Quadratic in ``seq``: meant for checks and short sequences.
     """
-    q = apply_rope(layer.q, positions, layer.inv_freq, layout, scale=layer.rope_scale)
-    k = apply_rope(layer.k, positions, layer.inv_freq, layout, scale=layer.rope_scale)
-    q = torch.cat([q, layer.q_pass], dim=-1)  # [h, s, head_dim]
-    k = torch.cat([k, layer.k_pass], dim=-1)  # [kv, s, head_dim]
+    q, k = rotated_heads(layer, positions, layout)
     k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)  # [h, s, head_dim]
     return (q @ k.transpose(-1, -2)) * layer.softmax_scale
 

@@ -21,7 +21,6 @@ slice ``j`` and a causal pair ``m > n`` of the probed sequence:
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import numpy as np
@@ -30,9 +29,9 @@ from torch import Tensor, nn
 
 from anomaly import analytic
 from anomaly.model_surgery import config_of
-from anomaly.probe.capture import CaptureMeta, LayerCapture, capture
+from anomaly.probe.capture import CaptureMeta, LayerCapture, capture, rotated_heads
 from anomaly.probe.stats import slice_pair_stats
-from anomaly.rope import RopeScaling, apply_rope, slice_members
+from anomaly.rope import slice_members
 
 CHANCE_FRACTION = 0.5
 """Expected case-(d) share for isotropic phases: Θ is then uniform on [0, 2π)."""
@@ -59,10 +58,9 @@ def mean_logit_by_distance(layer: LayerCapture, positions: Tensor, layout: str) 
     ``Σ_m logit(m, m−s)`` is the cross-correlation of the rotated query and key sequences
     at lag ``s``, summed over dimensions: one FFT per head, ``O(T log T)``.
     """
-    q = apply_rope(layer.q.double(), positions, layer.inv_freq.double(), layout, scale=layer.rope_scale)
-    k = apply_rope(layer.k.double(), positions, layer.inv_freq.double(), layout, scale=layer.rope_scale)
-    q = torch.cat([q, layer.q_pass.double()], -1).transpose(1, 2)  # [H, D, T]: FFT along contiguous time
-    k = torch.cat([k, layer.k_pass.double()], -1).transpose(1, 2)  # [KV, D, T]
+    q, k = rotated_heads(layer, positions, layout, torch.float64)
+    q = q.transpose(1, 2)  # [H, D, T]: FFT along contiguous time
+    k = k.transpose(1, 2)  # [KV, D, T]
     h, d, t = q.shape
     kv = k.shape[0]
     n = 2 * t  # zero padding: circular lags become linear ones
