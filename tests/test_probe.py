@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -27,7 +26,9 @@ from hypothesis import strategies as st
 
 import reference as ref
 from anomaly import rope
-from anomaly.probe import attention_logits, attention_probabilities, capture, probe
+from anomaly.probe import attention_logits, attention_probabilities, capture, mean_logit_by_distance, probe
+from anomaly.probe.capture import rotated_heads
+from anomaly.probe.core import EXACT_TAIL
 from anomaly.probe.stats import pair_stats, slice_pair_stats
 
 TWO_PI = 2 * math.pi
@@ -296,24 +297,52 @@ def test_probe_histogram_bins_within_one_of_exact(tiny_probes):
     assert (cdf_got[1:] >= cdf_exact[:-1]).all() and (cdf_exact[1:] >= cdf_got[:-1]).all()
 
 
+def brute_mean_logit(layer, cap) -> np.ndarray:
+    """``[H, T]``: float64 logits averaged pair by pair at each distance."""
+    logits = attention_logits(layer.to(torch.float64), cap.positions, cap.layout).numpy()  # [H, m, n]
+    t = logits.shape[-1]
+    return np.array([[np.mean([logits[h, m, m - s] for m in range(s, t)]) for s in range(t)]
+                     for h in range(logits.shape[0])])
+
+
 def test_probe_mean_logit_equals_brute_force(tiny_arch, tiny_probes):
     _, ids, cap, summary = tiny_probes[tiny_arch]
     t = ids.numel()
     got = summary["arrays"]["mean_logit"]  # [L, H, T]
     assert got.shape == (len(cap.layers), cap.n_heads, t)
+    # T = 56 ≤ EXACT_TAIL: every lag is summed pair by pair in float64 (the FFT path is
+    # checked below).
+    assert t <= EXACT_TAIL
     for l, layer in enumerate(cap.layers):
-        as64 = dataclasses.replace(
-            layer, q=layer.q.double(), k=layer.k.double(), q_pass=layer.q_pass.double(),
-            k_pass=layer.k_pass.double(), inv_freq=layer.inv_freq.double(),
-        )
-        logits = attention_logits(as64, cap.positions, cap.layout).numpy()  # [H, m, n]
-        for h in range(cap.n_heads):
-            want = np.array([np.mean([logits[h, m, m - s] for m in range(s, t)]) for s in range(t)])
-            np.testing.assert_allclose(got[l, h], want, rtol=0, atol=1e-9 * np.abs(logits).max())
+        want = brute_mean_logit(layer, cap)
+        np.testing.assert_allclose(got[l], want, rtol=0, atol=1e-9 * np.abs(want).max())
     peaks = np.asarray(summary["logit_peak_distance"])
     window = summary["logit_peak_window"]
     assert ((peaks >= 1) & (peaks <= window)).all()
     np.testing.assert_array_equal(peaks, 1 + got[:, :, 1 : window + 1].argmax(-1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])  # gpt_neox: unrotated dims too
+@pytest.mark.parametrize("exact_tail", [0, 20])
+def test_mean_logit_fft_within_rounding_bound(arch, exact_tail, tiny_probes):
+    """The float32 FFT path: within ``eps·log₂(2T)·Σ_d ‖q_d‖‖k_d‖/(T − s)`` of float64 pairs
+    at lag ``s`` (the documented error model); lags in the exact tail to 1e-9."""
+    _, ids, cap, _ = tiny_probes[arch]
+    t = ids.numel()
+    eps = torch.finfo(torch.float32).eps
+    for layer in cap.layers:
+        assert layer.q.dtype == torch.float32
+        got = mean_logit_by_distance(layer, cap.positions, cap.layout, exact_tail=exact_tail).numpy()
+        want = brute_mean_logit(layer, cap)
+        q, k = rotated_heads(layer.to(torch.float64), cap.positions, cap.layout)  # [H, T, D], [KV, T, D]
+        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+        norms = (q.norm(dim=1) * k.norm(dim=1)).sum(-1).numpy()  # [H]: Σ_d ‖q_d‖‖k_d‖
+        bound = eps * math.log2(2 * t) * norms[:, None] * layer.softmax_scale / np.arange(t, 0, -1)
+        err = np.abs(got - want)
+        assert (err[:, : t - exact_tail] <= bound[:, : t - exact_tail]).all()
+        assert (err[:, t - exact_tail :] <= 1e-9 * np.abs(want).max()).all()
+        # The bound is far below the signal: a wrong lag or scale could not hide in it.
+        assert bound[:, : t // 2].max() < 1e-3 * np.abs(want).max()
 
 
 # --------------------------------------------------------------------------------------
@@ -405,6 +434,43 @@ def test_slice_pair_stats_sweep_equals_blocks():
         assert sweep.hist.sum(-1).eq(T * (T - 1) // 2).all()
         for field in ("weight_d", "weight_all", "mean_product", "q_norm", "k_norm"):
             torch.testing.assert_close(getattr(sweep, field), getattr(blocks, field), rtol=1e-10, atol=1e-10)
+
+
+_coord = st.one_of(st.just(0.0), st.floats(-1e3, 1e3, allow_nan=False), st.floats(-1e-30, 1e-30))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(x1=_coord, y1=_coord, x2=_coord, y2=_coord, bins=st.integers(1, 70))
+def test_pseudo_angle_orders_as_the_angle_and_bins_as_atan2(x1, y1, x2, y2, bins):
+    """The sweep's stand-in for atan2: same order around the circle, half a turn away for
+    −v, and the histogram bin the atan2 formula gives."""
+    from anomaly.probe.sweep import _phase, _phase_bin, _pseudo, _table_bin, bin_table
+
+    table = bin_table(bins)
+    for x, y in ((x1, y1), (x2, y2)):
+        p = _pseudo(x, y)
+        assert 0.0 <= p < 4.0
+        assert _table_bin(x, y, p, bins, table) == _phase_bin(_phase(x, y), bins)
+        if (x, y) != (0.0, 0.0):
+            gap = abs(_pseudo(-x, -y) - (p + 2.0) % 4.0)
+            assert min(gap, 4.0 - gap) <= 1e-12  # half a turn, on the circle of length 4
+    a1, a2 = _phase(x1, y1), _phase(x2, y2)
+    if abs(a1 - a2) > 1e-12 and (x1, y1) != (0.0, 0.0) and (x2, y2) != (0.0, 0.0):
+        assert (_pseudo(x1, y1) < _pseudo(x2, y2)) == (a1 < a2)
+
+
+def test_pseudo_bins_at_bin_edges():
+    """Vectors on and next to every bin edge bin exactly as ⌊atan2·bins/2π⌋ does."""
+    from anomaly.probe.sweep import _phase, _phase_bin, _pseudo, _table_bin, bin_table
+
+    for bins in (16, 64, 7):
+        table = bin_table(bins)
+        for i in range(bins):
+            edge = i * TWO_PI / bins
+            for angle in np.nextafter(edge, [-np.inf, np.inf]).tolist() + [edge, edge + 1e-9, edge - 1e-9]:
+                for radius in (1e-3, 1.0, 37.5):
+                    x, y = radius * math.cos(angle), radius * math.sin(angle)
+                    assert _table_bin(x, y, _pseudo(x, y), bins, table) == _phase_bin(_phase(x, y), bins)
 
 
 # --------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -44,6 +44,13 @@ class LayerCapture:
     """Factor the rotary embedding multiplies into cos and sin (YaRN's; 1 otherwise)."""
     softmax_scale: float
     """Factor the layer multiplies ``q·k`` by before the softmax."""
+
+    def to(self, dtype: torch.dtype) -> "LayerCapture":
+        """A copy with every tensor in ``dtype`` (e.g. float64 for reference computations)."""
+        return replace(
+            self, q=self.q.to(dtype), k=self.k.to(dtype), q_pass=self.q_pass.to(dtype),
+            k_pass=self.k_pass.to(dtype), inv_freq=self.inv_freq.to(dtype),
+        )
 
 
 @dataclass
@@ -99,21 +106,31 @@ class Capture:
 
 
 def rotated_heads(
-    layer: LayerCapture, positions: Tensor, layout: str, dtype: torch.dtype | None = None
+    layer: LayerCapture,
+    positions: Tensor,
+    layout: str,
+    dtype: torch.dtype | None = None,
+    *,
+    q_rows: slice = slice(None),
+    k_rows: slice = slice(None),
 ) -> tuple[Tensor, Tensor]:
     """The query and key heads as the layer's attention multiplies them.
 
     Rotates the captured q/k with :func:`anomaly.rope.apply_rope` (the layer's frequencies
     and rotary factor) and appends the unrotated dims: ``q [heads, seq, head_dim]``,
-    ``k [kv_heads, seq, head_dim]``, in ``dtype`` (default: the capture's).
+    ``k [kv_heads, seq, head_dim]``, in ``dtype`` (default: the capture's). ``q_rows`` and
+    ``k_rows`` pick token ranges (rotated at their own positions); ``seq`` is then theirs.
     """
     dtype = dtype or layer.q.dtype
     freqs = layer.inv_freq.to(torch.promote_types(dtype, layer.inv_freq.dtype))
-    q = apply_rope(layer.q.to(dtype), positions, freqs, layout, scale=layer.rope_scale)
-    k = apply_rope(layer.k.to(dtype), positions, freqs, layout, scale=layer.rope_scale)
-    q = torch.cat([q, layer.q_pass.to(dtype)], dim=-1)  # [h, s, head_dim]
-    k = torch.cat([k, layer.k_pass.to(dtype)], dim=-1)  # [kv, s, head_dim]
-    return q, k
+
+    def heads(x: Tensor, x_pass: Tensor, rows: slice) -> Tensor:
+        x = apply_rope(x[:, rows].to(dtype), positions[rows], freqs, layout, scale=layer.rope_scale)
+        if x_pass.shape[-1] == 0:  # every dim rotated (most models): no copy
+            return x
+        return torch.cat([x, x_pass[:, rows].to(dtype)], dim=-1)  # [heads, rows, head_dim]
+
+    return heads(layer.q, layer.q_pass, q_rows), heads(layer.k, layer.k_pass, k_rows)
 
 
 def attention_logits(layer: LayerCapture, positions: Tensor, layout: str) -> Tensor:

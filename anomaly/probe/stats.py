@@ -170,7 +170,7 @@ def slice_pair_stats(
         q_re, q_im: ``[G, R, T]`` real and imaginary parts of the query slices.
         k_re, k_im: ``[G, T]`` of the key slices.
         bins, method: as :func:`pair_stats`. On the CPU the default ``"sweep"`` computes
-            phases, magnitudes and every statistic in one compiled pass
+            the phase order (a pseudo-angle, no atan2), magnitudes and every statistic in one compiled pass
             (:func:`anomaly.probe.sweep.sweep_slices`) with no float64 tensor passes.
     """
     if method is None:
