@@ -11,13 +11,14 @@ What is read where (``SPEC.md`` §1–2):
   the rotation: the q/k normalisation where a model has one (Qwen3, Gemma3, OLMo2, Cohere
   with ``use_qk_norm``), else the q/k projection (bias included), else a fused projection
   that is split the way the model splits it (GPT-NeoX: per head ``[q | k | v]``; Phi-3:
-  ``[all q | all k | all v]``).
+  ``[all q | all k | all v]``; CodeGen: per model-parallel shard ``[q | v | k]``).
 * The **rotation actually applied** is the ``(cos, sin)`` pair the decoder hands each
   attention module as ``position_embeddings``. Its width is the rotated dimension
   ``d_rot`` (partial rotary rotates the first ``d_rot`` dims of each head, as in HF), its
   pattern tells the layout, its magnitude is the rotary attention factor (YaRN), and it
   identifies which of the rotary module's frequency buffers the layer uses (per-layer
-  bases, Gemma3's local/global rotary).
+  bases, Gemma3's local/global rotary). GPT-J and CodeGen hand over ``(sin, cos)`` at half
+  width; :func:`position_embeddings_of` writes them out as the standard pair.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from torch import Tensor, nn
 from anomaly.cli import UserError
 
 # Where decoder stacks live, tried in order: LLaMA-likes (model.model.layers), GPT-NeoX
-# (model.gpt_neox.layers), multimodal wrappers (model.model.language_model.layers).
+# (model.gpt_neox.layers), multimodal wrappers (model.model.language_model.layers), GPT-J
+# and CodeGen (model.transformer.h).
 _LAYER_PATHS = (
     "model.layers",
     "gpt_neox.layers",
@@ -46,7 +48,10 @@ _ATTENTION_NAMES = ("self_attn", "attention", "attn")
 _NORM_NAMES = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
 # Families whose per-head q/k norm runs after the [batch, heads, seq, d] transpose.
 _HEAD_MAJOR_NORM = {"stablelm", "persimmon", "phi"}
-_ROTARY_PATHS = ("model.rotary_emb", "gpt_neox.rotary_emb", "model.language_model.rotary_emb")
+_ROTARY_PATHS = ("model.rotary_emb", "gpt_neox.rotary_emb", "transformer.rotary_emb", "model.language_model.rotary_emb")
+_SIN_COS_HALF_WIDTH = {"GPTJAttention", "CodeGenAttention"}
+"""Attention classes called with ``(sin, cos)``, each ``[..., seq, d_rot/2]``."""
+
 _NO_ROPE_TYPES = {"gpt2", "gptj_no_rope", "opt", "bloom", "mpt", "bert", "t5", "falcon_mamba", "mamba"}
 
 
@@ -70,7 +75,7 @@ def has_rope(config) -> bool:
         return False
     text = getattr(config, "text_config", None) or config
     params = getattr(text, "rope_parameters", None)
-    return bool(params) or hasattr(text, "rope_theta") or hasattr(text, "rotary_pct")
+    return bool(params) or any(hasattr(text, a) for a in ("rope_theta", "rotary_pct", "rotary_dim"))
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -81,7 +86,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             return layers
     raise UserError(
         f"cannot find the decoder layers of {type(model).__name__}; the probe supports HF "
-        "decoders with RoPE (LLaMA, Mistral, Qwen, Gemma, OLMo, Phi-3, GPT-NeoX, ...)"
+        "decoders with RoPE (LLaMA, Mistral, Qwen, Gemma, OLMo, Phi-3, GPT-NeoX, GPT-J, ...)"
     )
 
 
@@ -107,10 +112,16 @@ def frequency_buffers(model: nn.Module) -> list[tuple[Tensor, float]]:
 
     Gemma3-style modules hold one pair per layer type (``sliding_attention_inv_freq``,
     ``sliding_attention_attention_scaling``); LLaMA-style ones a single ``inv_freq``.
-    ``original_inv_freq`` copies (kept by HF for dynamic scaling) are skipped.
+    ``original_inv_freq`` copies (kept by HF for dynamic scaling) are skipped. GPT-J and
+    CodeGen hold a table instead, ``embed_positions [positions, d_rot] = cat(sin pθ, cos pθ)``:
+    its row 1 gives ``θ = atan2(sin θ, cos θ)`` (every ``θ_j ≤ 1``, so no wrap).
     """
     out = []
     for module in rotary_modules(model):
+        table = getattr(module, "embed_positions", None)
+        if isinstance(table, Tensor) and table.ndim == 2 and table.shape[0] > 1:
+            sin, cos = table[1].double().chunk(2)
+            out.append((torch.atan2(sin, cos).float(), 1.0))
         for name, buf in module.named_buffers(recurse=False):
             if not name.endswith("inv_freq") or "original" in name:
                 continue
@@ -188,6 +199,9 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
         elif isinstance(getattr(attn, "query_key_value", None), nn.Module) and config.model_type.startswith("gpt_neox"):
             sources = (attn.query_key_value,)
             split = _neox_split(n_heads, head_dim)
+        elif isinstance(getattr(attn, "qkv_proj", None), nn.Module) and config.model_type == "codegen":
+            sources = (attn.qkv_proj,)
+            split = _codegen_split(n_heads, head_dim, attn.mp_num)
         elif isinstance(getattr(attn, "qkv_proj", None), nn.Module):
             sources = (attn.qkv_proj,)
             split = _concat_split(n_heads, n_kv, head_dim)
@@ -231,15 +245,40 @@ def _concat_split(n_heads: int, n_kv: int, head_dim: int):
     return split
 
 
+def _codegen_split(n_heads: int, head_dim: int, shards: int):
+    # CodeGen's fused projection is laid out per model-parallel shard: [b, s, shards, 3·E/shards],
+    # each shard holding its heads' queries, then values, then keys.
+    def split(outs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        (qkv,) = outs
+        local = qkv.shape[-1] // (3 * shards)
+        per_shard = qkv.reshape(qkv.shape[0], qkv.shape[1], shards, 3 * local)  # [b, s, shards, 3·local]
+        q, k = per_shard[..., :local], per_shard[..., 2 * local :]
+        return _seq_major(q.reshape(*q.shape[:2], -1), n_heads, head_dim), _seq_major(
+            k.reshape(*k.shape[:2], -1), n_heads, head_dim
+        )
+
+    return split
+
+
 def position_embeddings_of(attn: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor] | None:
-    """The ``(cos, sin)`` pair in a call of ``attn`` (keyword or positional), or ``None``."""
+    """The ``(cos, sin)`` pair in a call of ``attn`` (keyword or positional), or ``None``.
+
+    Always full-width tables ``[..., seq, d_rot]`` in the order ``(cos, sin)``: GPT-J and
+    CodeGen pass ``(sin, cos)`` at half width and repeat each frequency twice when they apply
+    it (``rotate_every_two``), which is the interleaved table written out.
+    """
     if "position_embeddings" in kwargs:
-        return kwargs["position_embeddings"]
-    try:
-        bound = inspect.signature(attn.forward).bind_partial(*args, **kwargs)
-    except TypeError:
-        return None
-    return bound.arguments.get("position_embeddings")
+        pair = kwargs["position_embeddings"]
+    else:
+        try:
+            bound = inspect.signature(attn.forward).bind_partial(*args, **kwargs)
+        except TypeError:
+            return None
+        pair = bound.arguments.get("position_embeddings")
+    if pair is not None and type(attn).__name__ in _SIN_COS_HALF_WIDTH:
+        sin, cos = pair
+        return cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+    return pair
 
 
 def detect_layout(cos: Tensor) -> str:

