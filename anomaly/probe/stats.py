@@ -150,9 +150,7 @@ def pair_stats(
         hist = _theta_hist(a, valid_a, b, valid_b, bins, min(t, 8))
     else:
         raise ValueError(f"unknown pair_stats method {method!r}; use 'sweep' or 'blocks'")
-    pairs = t * (t - 1) // 2
-    # Pairs with a zero slice have Θ = 0: bin 0.
-    hist[..., 0] += pairs - hist.sum(-1)
+    pairs = _zero_slices_to_bin_0(hist, t)
 
     zq = torch.polar(wa, a)
     zk = torch.polar(wb, b)
@@ -186,10 +184,17 @@ def slice_pair_stats(
     count, weight, hist, weight_all, product, q_abs, k_abs = (
         torch.from_numpy(x) for x in sweep_slices(*arrays, bins)
     )
-    pairs = t * (t - 1) // 2
-    hist[..., 0] += pairs - hist.sum(-1)  # pairs with a zero slice have Θ = 0
+    pairs = _zero_slices_to_bin_0(hist, t)
     mean_product = torch.complex(product[..., 0], product[..., 1])
     return PairStats(count, weight, weight_all, hist, mean_product, pairs, q_abs / t, k_abs / t)
+
+
+def _zero_slices_to_bin_0(hist: Tensor, t: int) -> int:
+    """Put the causal pairs the counting left out (a zero slice: Θ = 0) into bin 0 of
+    ``hist [..., bins]`` in place; returns ``T(T−1)/2``, the causal pairs per slice."""
+    pairs = t * (t - 1) // 2
+    hist[..., 0] += pairs - hist.sum(-1)
+    return pairs
 
 
 def _case_d(a: Tensor, wa: Tensor, b: Tensor, wk: Tensor, s_t: int, s_r: int) -> tuple[Tensor, Tensor]:
