@@ -618,6 +618,42 @@ def test_cli_model_without_rope(gpt2_folder, tmp_path, capsys):
     assert_user_error(rc, capsys, out, "gpt2", "RoPE")
 
 
+def nan_llama(vocab_size: int = 128):
+    """A tiny LLaMA whose layer-1 keys are NaN (one poisoned weight)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=0,
+    )).eval()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.weight[0, 0] = float("nan")
+    return model
+
+
+def test_capture_refuses_nan_activations():
+    from anomaly.cli import UserError
+
+    model = nan_llama()
+    with pytest.raises(UserError, match="layer 1 produced NaN"):
+        capture(model, ids_for(model, 16))
+
+
+@pytest.mark.slow
+def test_cli_nan_activations(smollm2, tmp_path, capsys):
+    """A local HF folder (safetensors + tokenizer) whose activations turn NaN: one line, exit 2."""
+    from anomaly.probe.cli import entry
+
+    folder = tmp_path / "nan-llama"
+    nan_llama(vocab_size=len(smollm2.tokenizer)).save_pretrained(folder)
+    smollm2.tokenizer.save_pretrained(folder)
+    capsys.readouterr()  # save_pretrained's progress bar
+    out = tmp_path / "out"
+    rc = entry(["--model", str(folder), "--tokens", "64", "--out", str(out), "--device", "cpu", "--quiet"])
+    assert_user_error(rc, capsys, out, "layer 1", "NaN", "float32")
+
+
 def test_cli_cuda_without_gpu(monkeypatch, tmp_path, capsys):
     from anomaly.probe.cli import entry
 

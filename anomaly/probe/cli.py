@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bins", type=int, default=64, help="Θ histogram bins (default 64)")
     p.add_argument("--train-length", type=int, default=None, help="training context for the critical dimension (default from the config)")
     p.add_argument("--no-figures", action="store_true", help="write summary and arrays only")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (ours and transformers' weight loading; not GGUF de-quantisation)")
     return p
 
 
@@ -127,7 +130,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry(argv: Sequence[str] | None = None) -> int:
-    # A context, not torch.set_grad_enabled(False): called in-process (tests, notebooks)
-    # the entry point must not switch autograd off for its caller.
-    with torch.no_grad():
+    # Contexts, not global switches: called in-process (tests, notebooks) the entry point
+    # must leave autograd and transformers' progress bars as its caller had them.
+    quiet = "--quiet" in (sys.argv[1:] if argv is None else argv)
+    with torch.no_grad(), _transformers_bars(enabled=not quiet):
         return run_main(main, argv)
+
+
+@contextlib.contextmanager
+def _transformers_bars(enabled: bool) -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
