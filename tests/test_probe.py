@@ -429,14 +429,23 @@ def test_pair_stats_equals_brute_force(method, data):
 
 def test_slice_pair_stats_sweep_equals_blocks():
     """The probe's entry point: the compiled one-pass form (phases computed inside) and
-    the vectorised tensor form agree on real-valued slices, zero slices and tied keys."""
+    the vectorised tensor form agree on real-valued slices, zero slices, tied keys and
+    crowded phases."""
     g = torch.Generator().manual_seed(3)
-    for (G, R, T) in [(5, 3, 50), (7, 1, 123), (4, 2, 300)]:
+    for (G, R, T) in [(5, 3, 50), (7, 1, 123), (4, 2, 300), (5, 2, 600)]:
         qr, qi = torch.randn(G, R, T, generator=g), torch.randn(G, R, T, generator=g)
         kr, ki = torch.randn(G, T, generator=g), torch.randn(G, T, generator=g)
         qr[0, 0, :7] = qi[0, 0, :7] = 0  # zero query slices
         kr[1, :9] = ki[1, :9] = 0  # zero key slices
         kr[2, 5:10], ki[2, 5:10] = kr[2, 0], ki[2, 0]  # tied key phases
+        # Phases crowded into a few 1e-4-rad buckets (a slice dominated by a bias): keys near
+        # 0 in group 3, with queries near 0 there and near π in group 4, where the case-(d)
+        # thresholds land inside the crowded bucket.
+        if G >= 5:
+            kr[3:5] = 1 + 1e-5 * torch.randn(2, T, generator=g)
+            ki[3:5] = 1e-4 * torch.randn(2, T, generator=g)
+            qr[3], qi[3] = 1 + 1e-5 * torch.randn(R, T, generator=g), 1e-4 * torch.randn(R, T, generator=g)
+            qr[4], qi[4] = -1 + 1e-5 * torch.randn(R, T, generator=g), 1e-4 * torch.randn(R, T, generator=g)
         sweep = slice_pair_stats(qr, qi, kr, ki, bins=16, method="sweep")
         blocks = slice_pair_stats(qr, qi, kr, ki, bins=16, method="blocks")
         assert torch.equal(sweep.count_d, blocks.count_d)

@@ -104,6 +104,21 @@ def _table_bin(x, y, p, bins, table):
     return k if k >= 0 else _phase_bin(_phase(x, y), bins)
 
 
+@numba.njit(cache=True, inline="always")
+def _below(sorted_b, lo, hi, x, inclusive):
+    """``lo + #{sorted_b[lo:hi] < x}`` (``≤ x`` if ``inclusive``): a scan for the usual
+    bucket of 0–2 keys, bisection for a crowded one."""
+    while hi - lo > 4:
+        mid = (lo + hi) >> 1
+        if sorted_b[mid] < x or (inclusive and sorted_b[mid] == x):
+            lo = mid + 1
+        else:
+            hi = mid
+    while lo < hi and (sorted_b[lo] < x or (inclusive and sorted_b[lo] == x)):
+        lo += 1
+    return lo
+
+
 @numba.njit(cache=True)
 def _sweep_group(a, ua, wa, abin, b, wb, bbin, half, bins, count, weight, hist):  # pragma: no cover - compiled
     """One group, phases on a circle of length ``2·half`` (2π for angles, 4 for pseudo-angles).
@@ -125,21 +140,27 @@ def _sweep_group(a, ua, wa, abin, b, wb, bbin, half, bins, count, weight, hist):
             start[bucket[n] + 1] += 1
     for k in range(n_buckets):
         start[k + 1] += start[k]
-    sorted_b = np.empty(t_count, np.float64)
-    rank = np.empty(t_count, np.int64)
-    who = np.empty(t_count, np.int64)
+    who = np.empty(t_count, np.int64)  # keys in bucket order, then sorted inside each bucket
     fill = start[:-1].copy()
     for n in range(t_count):
-        if wb[n] > 0:  # insertion sort inside the bucket (a fraction of a key each, on average)
-            k = bucket[n]
-            i = fill[k]
-            fill[k] += 1
-            while i > start[k] and sorted_b[i - 1] > b[n]:
-                sorted_b[i] = sorted_b[i - 1]
-                who[i] = who[i - 1]
-                i -= 1
-            sorted_b[i] = b[n]
-            who[i] = n
+        if wb[n] > 0:
+            who[fill[bucket[n]]] = n
+            fill[bucket[n]] += 1
+    sorted_b = np.empty(t_count, np.float64)
+    for k in range(n_buckets):
+        lo, hi = start[k], start[k + 1]
+        if hi - lo > 16:  # a crowded bucket (phases concentrated in a slice): O(n log n)
+            who[lo:hi] = who[lo:hi][np.argsort(b[who[lo:hi]], kind="mergesort")]
+        for i in range(lo, hi):  # insertion sort: a fraction of a key per bucket on average
+            v, n = b[who[i]], who[i]
+            j = i
+            while j > lo and sorted_b[j - 1] > v:
+                sorted_b[j] = sorted_b[j - 1]
+                who[j] = who[j - 1]
+                j -= 1
+            sorted_b[j] = v
+            who[j] = n
+    rank = np.empty(t_count, np.int64)
     for i in range(start[n_buckets]):
         rank[who[i]] = i
     # Fenwick tree over ranks, (count, weight) side by side: one cache line per step. A
@@ -163,13 +184,9 @@ def _sweep_group(a, ua, wa, abin, b, wb, bbin, half, bins, count, weight, hist):
             x = a[r, m]
             upper = ua[r, m]
             k = min(int(upper * scale), n_buckets - 1)
-            f_lt = start[k]  # #{b < upper}
-            while f_lt < start[k + 1] and sorted_b[f_lt] < upper:
-                f_lt += 1
+            f_lt = _below(sorted_b, start[k], start[k + 1], upper, False)  # #{b < upper}
             k = min(int(x * scale), n_buckets - 1)
-            f_le = start[k]  # #{b ≤ a}
-            while f_le < start[k + 1] and sorted_b[f_le] <= x:
-                f_le += 1
+            f_le = _below(sorted_b, start[k], start[k + 1], x, True)  # #{b ≤ a}
             n = 0.0
             w = 0.0
             i, j = f_lt, f_le
