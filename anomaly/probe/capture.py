@@ -161,6 +161,10 @@ def _as_batch(input_ids: Tensor) -> Tensor:
     return input_ids
 
 
+class _Captured(Exception):
+    """Raised from the last attention layer's hook to end the forward pass early."""
+
+
 @contextlib.contextmanager
 def _hooks(sites: list[surgery.AttentionSite], store: dict, on_done: Callable[[int], None]) -> Iterator[None]:
     handles = []
@@ -204,7 +208,8 @@ def capture(
     on_layer: Callable[[LayerCapture, "CaptureMeta"], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Capture:
-    """Capture every layer's pre-RoPE q/k for one sequence, in one forward pass.
+    """Capture every layer's pre-RoPE q/k for one sequence, in one forward pass (ended as
+    soon as the last attention layer has run: nothing after it changes a capture).
 
     Args:
         model: a loaded HF causal LM with RoPE (any family :mod:`anomaly.model_surgery`
@@ -283,12 +288,17 @@ def capture(
             kept.append(rec_out)
         if progress is not None:
             progress(layer)
+        if layer == sites[-1].index:
+            raise _Captured  # the last MLP, final norm and head add nothing to a capture
 
     kwargs = {"use_cache": False}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1  # the probe needs no vocabulary logits
     with _hooks(sites, store, on_done), torch.inference_mode():
-        model(ids, **kwargs)
+        try:
+            model(ids, **kwargs)
+        except _Captured:
+            pass
     if len(kept) + (len(sites) if on_layer is not None else 0) != len(sites):
         raise UserError("not every attention layer ran; is this a decoder-only causal LM?")
     return Capture(

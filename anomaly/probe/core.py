@@ -77,11 +77,12 @@ def mean_logit_by_distance(
     kv = k.shape[0]
     r = h // kv
     n = 2 * t  # zero padding: circular lags become linear ones
-    fq = torch.fft.rfft(q.transpose(1, 2), n=n, dim=-1)  # [H, D, n/2+1]: FFT along time
-    fk = torch.fft.rfft(k.transpose(1, 2), n=n, dim=-1)  # [KV, D, n/2+1]
-    # Σ over dims before the (linear) inverse FFT; a key head serves its r query heads.
-    spec = (fq.reshape(kv, r, d, -1) * fk[:, None].conj()).sum(2).reshape(h, -1)  # [H, n/2+1]
-    corr = torch.fft.irfft(spec, n=n, dim=-1)[:, :t].double()  # [H, T]: Σ_m q_m·k_{m−s}
+    corr = torch.empty(h, t, dtype=torch.float64, device=q.device)  # [H, T]: Σ_m q_m·k_{m−s}
+    for g in range(kv):  # one key head and its r query heads at a time: bounded spectra
+        fk = torch.fft.rfft(k[g].T, n=n, dim=-1)  # [D, n/2+1]: FFT along time
+        fq = torch.fft.rfft(q[g * r : (g + 1) * r].transpose(1, 2), n=n, dim=-1)  # [r, D, n/2+1]
+        spec = (fq * fk.conj()).sum(1)  # Σ over dims before the (linear) inverse FFT
+        corr[g * r : (g + 1) * r] = torch.fft.irfft(spec, n=n, dim=-1)[:, :t]
     w = min(exact_tail, t)
     if w > 0:
         # Lags s ≥ T − w pair queries m ≥ T − w with keys n < w: block[i, j] = q_{T−w+i}·k_j
