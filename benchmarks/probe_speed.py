@@ -130,7 +130,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratio = prb / fwd
     print(f"probe / forward = {ratio:.2f}  (goal ≤ {GOAL}: {'met' if ratio <= GOAL else 'not met'})")
     print(f"mean_logit: max |probe's − float64 FFT| / max |mean logit| = {mean_logit_error(model, ids):.1e}")
+    parts = stats_breakdown(model, ids, sync)
+    print("the probe's statistics, timed on the captured layers: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
     return 0
+
+
+def stats_breakdown(model: torch.nn.Module, ids: torch.Tensor, sync) -> dict[str, float]:
+    """Seconds the probe's per-layer statistics take, summed over layers (median of 3): the
+    pair-statistics sweep, the mean logit by distance, and all of ``_layer_stats``."""
+    from anomaly.probe import capture
+    from anomaly.probe.core import _layer_stats, mean_logit_by_distance, slice_pair_stats_of
+
+    layers = []
+    capture(model, ids, on_layer=lambda layer, meta: layers.append((layer, meta)))
+
+    def seconds(fn) -> float:
+        runs = []
+        for _ in range(3):
+            sync()
+            start = time.perf_counter()
+            for layer, meta in layers:
+                fn(layer, meta)
+            sync()
+            runs.append(time.perf_counter() - start)
+        return statistics.median(runs)
+
+    return {
+        "pair statistics": seconds(lambda layer, meta: slice_pair_stats_of(layer, meta.layout, 64)),
+        "mean logit": seconds(lambda layer, meta: mean_logit_by_distance(layer, meta.positions, meta.layout)),
+        "all statistics": seconds(lambda layer, meta: _layer_stats(layer, meta, 64)),
+    }
 
 
 def mean_logit_error(model: torch.nn.Module, ids: torch.Tensor) -> float:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from anomaly import analytic
 from anomaly.model_surgery import config_of
 from anomaly.probe.capture import CaptureMeta, LayerCapture, capture, rotated_heads
-from anomaly.probe.stats import slice_pair_stats
+from anomaly.probe.stats import PairStats, slice_pair_stats
 from anomaly.rope import slice_members
 
 CHANCE_FRACTION = 0.5
@@ -98,8 +98,9 @@ def mean_logit_by_distance(
     return corr / counts * layer.softmax_scale
 
 
-def _layer_stats(layer: LayerCapture, meta: CaptureMeta, bins: int) -> dict[str, Tensor]:
-    layout = meta.layout
+def slice_pair_stats_of(layer: LayerCapture, layout: str, bins: int) -> PairStats:
+    """:func:`anomaly.probe.stats.slice_pair_stats` of one captured layer, grouped by
+    (key head, slice): entries ``[KV·J, R]`` with ``J`` slices and ``R = H/KV``."""
     q, k = layer.q, layer.k
     h, t, _ = q.shape
     kv = k.shape[0]
@@ -108,22 +109,29 @@ def _layer_stats(layer: LayerCapture, meta: CaptureMeta, bins: int) -> dict[str,
     k_re, k_im = slice_members(k, layout)  # [KV, T, J]
     j = q_re.shape[-1]
 
-    # Group by (key head, slice): queries [KV·J, R, T], keys [KV·J, T].
-    def queries(x: Tensor) -> Tensor:
+    def queries(x: Tensor) -> Tensor:  # [H, T, J] -> [KV, R, T, J] -> [KV, J, R, T] -> [KV·J, R, T]
         return x.reshape(kv, r, t, j).permute(0, 3, 1, 2).reshape(kv * j, r, t)
 
-    def keys(x: Tensor) -> Tensor:
+    def keys(x: Tensor) -> Tensor:  # [KV, T, J] -> [KV, J, T] -> [KV·J, T]
         return x.permute(0, 2, 1).reshape(kv * j, t)
 
-    st = slice_pair_stats(queries(q_re), queries(q_im), keys(k_re), keys(k_im), bins=bins)
+    return slice_pair_stats(queries(q_re), queries(q_im), keys(k_re), keys(k_im), bins=bins)
 
-    def per_head(x: Tensor) -> Tensor:  # [KV·J, R, ...] -> [H, J, ...]
+
+def _layer_stats(layer: LayerCapture, meta: CaptureMeta, bins: int) -> dict[str, Tensor]:
+    layout = meta.layout
+    h, t, d_rot = layer.q.shape
+    kv = layer.k.shape[0]
+    r, j = h // kv, d_rot // 2
+    st = slice_pair_stats_of(layer, layout, bins)
+
+    def per_head(x: Tensor) -> Tensor:  # [KV·J, R, ...] -> [KV, J, R, ...] -> [KV, R, J, ...] -> [H, J, ...]
         x = x.reshape(kv, j, r, *x.shape[2:]).transpose(1, 2)
         return x.reshape(h, j, *x.shape[3:])
 
     count_d, weight_d, weight_all = per_head(st.count_d), per_head(st.weight_d), per_head(st.weight_all)
     mean_product = per_head(st.mean_product)
-    freqs = layer.inv_freq.double().to(q.device)
+    freqs = layer.inv_freq.double().to(layer.q.device)
     mean_angle = analytic.wrap_angle(torch.angle(mean_product))
     nonzero = weight_all > 0
     concentration = torch.where(nonzero, mean_product.abs() / weight_all.clamp_min(1e-300), torch.zeros_like(weight_all))
