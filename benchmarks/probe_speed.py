@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from anomaly.cli import UserError, run_main  # noqa: E402
+from anomaly.probe.capture import Capture  # noqa: E402
 
 GOAL = 1.5
 
@@ -129,55 +130,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name:8s} median {statistics.median(times[name]):8.2f} s   ({', '.join(f'{x:.2f}' for x in times[name])})")
     ratio = prb / fwd
     print(f"probe / forward = {ratio:.2f}  (goal ≤ {GOAL}: {'met' if ratio <= GOAL else 'not met'})")
-    print(f"mean_logit: max |probe's − float64 FFT| / max |mean logit| = {mean_logit_error(model, ids):.1e}")
-    parts = stats_breakdown(model, ids, sync)
+    from anomaly.probe import capture
+
+    cap = capture(model, ids)  # every layer kept, for the two checks below
+    print(f"mean_logit: max |probe's − float64 FFT| / max |mean logit| = {mean_logit_error(cap):.1e}")
+    parts = stats_breakdown(cap, sync)
     print("the probe's statistics, timed on the captured layers: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
     return 0
 
 
-def stats_breakdown(model: torch.nn.Module, ids: torch.Tensor, sync) -> dict[str, float]:
+def stats_breakdown(cap: Capture, sync) -> dict[str, float]:
     """Seconds the probe's per-layer statistics take, summed over layers (median of 3): the
     pair-statistics sweep, the mean logit by distance, and all of ``_layer_stats``."""
-    from anomaly.probe import capture
+    from anomaly.probe.capture import CaptureMeta
     from anomaly.probe.core import _layer_stats, mean_logit_by_distance, slice_pair_stats_of
 
-    layers = []
-    capture(model, ids, on_layer=lambda layer, meta: layers.append((layer, meta)))
+    meta = CaptureMeta(positions=cap.positions, layout=cap.layout)
 
     def seconds(fn) -> float:
         runs = []
         for _ in range(3):
             sync()
             start = time.perf_counter()
-            for layer, meta in layers:
-                fn(layer, meta)
+            for layer in cap.layers:
+                fn(layer)
             sync()
             runs.append(time.perf_counter() - start)
         return statistics.median(runs)
 
     return {
-        "pair statistics": seconds(lambda layer, meta: slice_pair_stats_of(layer, meta.layout, 64)),
-        "mean logit": seconds(lambda layer, meta: mean_logit_by_distance(layer, meta.positions, meta.layout)),
-        "all statistics": seconds(lambda layer, meta: _layer_stats(layer, meta, 64)),
+        "pair statistics": seconds(lambda layer: slice_pair_stats_of(layer, cap.layout, 64)),
+        "mean logit": seconds(lambda layer: mean_logit_by_distance(layer, cap.positions, cap.layout)),
+        "all statistics": seconds(lambda layer: _layer_stats(layer, meta, 64)),
     }
 
 
-def mean_logit_error(model: torch.nn.Module, ids: torch.Tensor) -> float:
+def mean_logit_error(cap: Capture) -> float:
     """What the probe's float32 FFT (with its float64 tail) costs in accuracy: the largest
     deviation from the same statistic computed in float64 throughout, over all layers and
     heads, relative to that head's largest mean logit."""
-    from anomaly.probe import capture, mean_logit_by_distance
+    from anomaly.probe import mean_logit_by_distance
 
     worst = 0.0
-
-    def compare(layer, meta) -> None:
-        nonlocal worst
-        fast = mean_logit_by_distance(layer, meta.positions, meta.layout)
-        exact = mean_logit_by_distance(layer.to(torch.float64), meta.positions, meta.layout)
+    for layer in cap.layers:
+        fast = mean_logit_by_distance(layer, cap.positions, cap.layout)
+        exact = mean_logit_by_distance(layer.to(torch.float64), cap.positions, cap.layout)
         rel = (fast - exact).abs().amax(-1) / exact.abs().amax(-1)
         worst = max(worst, float(rel.max()))
-
-    capture(model, ids, on_layer=compare)
     return worst
 
 

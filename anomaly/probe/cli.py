@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -78,15 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if max_pos and args.tokens > max_pos:
         raise UserError(f"--tokens {args.tokens} exceeds the model's {max_pos} positions; use --tokens {max_pos} or fewer")
     text, text_name = _read_text(args.text)
-    tokenizer = load_tokenizer(args.model)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    if ids.numel() < args.tokens:
-        raise UserError(f"--tokens {args.tokens} exceeds the text's {ids.numel()} tokens; use fewer tokens or a longer --text")
-    ids = ids[: args.tokens]
-
-    t0 = time.perf_counter()
-    loaded = load_model(args.model, device, dtype, tokenizer=tokenizer)
-    load_s = time.perf_counter() - t0
+    with _transformers_bars(enabled=not args.quiet):
+        tokenizer = load_tokenizer(args.model)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        if ids.numel() < args.tokens:
+            raise UserError(f"--tokens {args.tokens} exceeds the text's {ids.numel()} tokens; use fewer tokens or a longer --text")
+        ids = ids[: args.tokens]
+        t0 = time.perf_counter()
+        loaded = load_model(args.model, device, dtype, tokenizer=tokenizer)
+        load_s = time.perf_counter() - t0
 
     bar = None
     if not args.quiet:
@@ -130,15 +129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry(argv: Sequence[str] | None = None) -> int:
-    # Contexts, not global switches: called in-process (tests, notebooks) the entry point
-    # must leave autograd and transformers' progress bars as its caller had them.
-    quiet = "--quiet" in (sys.argv[1:] if argv is None else argv)
-    with torch.no_grad(), _transformers_bars(enabled=not quiet):
+    # A context, not torch.set_grad_enabled(False): called in-process (tests, notebooks)
+    # the entry point must not switch autograd off for its caller.
+    with torch.no_grad():
         return run_main(main, argv)
 
 
 @contextlib.contextmanager
 def _transformers_bars(enabled: bool) -> Iterator[None]:
+    """Transformers' progress bars on or off inside the block, as the caller had them after."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()

@@ -131,8 +131,7 @@ def pair_stats(
     wk = torch.where(valid_b, wb, torch.zeros_like(wb))  # key weights; a zero key weighs 0
     wcum = torch.cumsum(wk, -1) - wk  # [G, T]: Σ_{n<m} |k_n|
     weight_all = (wa * wcum[:, None, :]).sum(-1)
-    if method is None:
-        method = "sweep" if a.device.type == "cpu" else "blocks"
+    method = method or _default_method(a)
     if method == "sweep":
         from anomaly.probe.sweep import sweep_phases
 
@@ -168,11 +167,11 @@ def slice_pair_stats(
         q_re, q_im: ``[G, R, T]`` real and imaginary parts of the query slices.
         k_re, k_im: ``[G, T]`` of the key slices.
         bins, method: as :func:`pair_stats`. On the CPU the default ``"sweep"`` computes
-            the phase order (a pseudo-angle, no atan2), magnitudes and every statistic in one compiled pass
-            (:func:`anomaly.probe.sweep.sweep_slices`) with no float64 tensor passes.
+            the phase order (a pseudo-angle, no atan2), magnitudes and every statistic in
+            one compiled pass (:func:`anomaly.probe.sweep.sweep_slices`) with no float64
+            tensor passes.
     """
-    if method is None:
-        method = "sweep" if q_re.device.type == "cpu" else "blocks"
+    method = method or _default_method(q_re)
     if method != "sweep":
         a, wa = phases(torch.complex(q_re.float(), q_im.float()))
         b, wb = phases(torch.complex(k_re.float(), k_im.float()))
@@ -187,6 +186,12 @@ def slice_pair_stats(
     pairs = _zero_slices_to_bin_0(hist, t)
     mean_product = torch.complex(product[..., 0], product[..., 1])
     return PairStats(count, weight, weight_all, hist, mean_product, pairs, q_abs / t, k_abs / t)
+
+
+def _default_method(x: Tensor) -> str:
+    """The compiled sweep on the CPU; the vectorised blocks where a sequential sweep does not
+    fit (GPU)."""
+    return "sweep" if x.device.type == "cpu" else "blocks"
 
 
 def _zero_slices_to_bin_0(hist: Tensor, t: int) -> int:
