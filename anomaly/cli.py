@@ -5,12 +5,9 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
+from anomaly.errors import EXIT_USER_ERROR, UserError
 
-class UserError(Exception):
-    """Bad input from the user. The message says what was wrong and what to do."""
-
-
-EXIT_USER_ERROR = 2
+__all__ = ["EXIT_USER_ERROR", "UserError", "run_main"]
 
 
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from anomaly.cli import UserError
+from anomaly.errors import UserError
 
 DEFAULT_PLAY = "tragedies/hamlet.md"
 

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from anomaly.cli import UserError
+from anomaly.errors import UserError
 
 # Where decoder stacks live, tried in order: LLaMA-likes (model.model.layers), GPT-NeoX
 # (model.gpt_neox.layers), multimodal wrappers (model.model.language_model.layers), GPT-J
@@ -63,17 +63,52 @@ def _get(obj: object, path: str):
     return obj
 
 
-def config_of(model: nn.Module):
-    """The text config of ``model`` (multimodal models keep it under ``text_config``)."""
-    config = model.config
+def text_config(config):
+    """The text part of a model config (multimodal configs keep it under ``text_config``)."""
     return getattr(config, "text_config", None) or config
+
+
+def config_of(model: nn.Module):
+    """The text config of a loaded ``model``."""
+    return text_config(model.config)
+
+
+def train_length_of(config) -> int:
+    """The context length the model was trained at, as its (text) config records it."""
+    config = text_config(config)
+    params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params, dict) and params.get("original_max_position_embeddings"):
+        return int(params["original_max_position_embeddings"])
+    return int(config.max_position_embeddings)
+
+
+def rope_base_of(config) -> float:
+    """The RoPE base (``rope_theta``) of a (text) config; 10000 where it records none."""
+    config = text_config(config)
+    params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(getattr(config, "rope_theta", 10000.0))
+
+
+def max_positions_of(config) -> int | None:
+    """``max_position_embeddings`` of a (text) config, or ``None`` where it has none."""
+    return getattr(text_config(config), "max_position_embeddings", None)
+
+
+def scaling_record(config) -> dict | None:
+    """The config's RoPE scaling parameters (JSON scalars only), ``None`` for plain RoPE."""
+    params = getattr(text_config(config), "rope_parameters", None)
+    if not isinstance(params, dict) or params.get("rope_type", "default") == "default":
+        return None
+    return {k: v for k, v in params.items() if isinstance(v, (int, float, str))}
 
 
 def has_rope(config) -> bool:
     """Whether a config describes a RoPE model (checked before loading any weights)."""
     if config.model_type in _NO_ROPE_TYPES:
         return False
-    text = getattr(config, "text_config", None) or config
+    text = text_config(config)
     params = getattr(text, "rope_parameters", None)
     return bool(params) or any(hasattr(text, a) for a in ("rope_theta", "rotary_pct", "rotary_dim"))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from anomaly.cli import UserError
+from anomaly.errors import UserError
 from anomaly.corpus import package_dir
 
 MODELS: dict[str, str] = {

@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from anomaly.cli import UserError, run_main  # noqa: E402
-from anomaly.probe.capture import Capture  # noqa: E402
+from anomaly.probe.activations import Capture  # noqa: E402
 
 GOAL = 1.5
 
@@ -142,10 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def stats_breakdown(cap: Capture, sync) -> dict[str, float]:
     """Seconds the probe's per-layer statistics take, summed over layers (median of 3): the
     pair-statistics sweep, the mean logit by distance, and all of ``_layer_stats``."""
-    from anomaly.probe.capture import CaptureMeta
     from anomaly.probe.core import _layer_stats, mean_logit_by_distance, slice_pair_stats_of
-
-    meta = CaptureMeta(positions=cap.positions, layout=cap.layout)
 
     def seconds(fn) -> float:
         runs = []
@@ -159,9 +156,9 @@ def stats_breakdown(cap: Capture, sync) -> dict[str, float]:
         return statistics.median(runs)
 
     return {
-        "pair statistics": seconds(lambda layer: slice_pair_stats_of(layer, cap.layout, 64)),
-        "mean logit": seconds(lambda layer: mean_logit_by_distance(layer, cap.positions, cap.layout)),
-        "all statistics": seconds(lambda layer: _layer_stats(layer, meta, 64)),
+        "pair statistics": seconds(lambda layer: slice_pair_stats_of(layer, 64)),
+        "mean logit": seconds(lambda layer: mean_logit_by_distance(layer)),
+        "all statistics": seconds(lambda layer: _layer_stats(layer, 64)),
     }
 
 
@@ -173,8 +170,8 @@ def mean_logit_error(cap: Capture) -> float:
 
     worst = 0.0
     for layer in cap.layers:
-        fast = mean_logit_by_distance(layer, cap.positions, cap.layout)
-        exact = mean_logit_by_distance(layer.to(torch.float64), cap.positions, cap.layout)
+        fast = mean_logit_by_distance(layer)
+        exact = mean_logit_by_distance(layer.to(torch.float64))
         rel = (fast - exact).abs().amax(-1) / exact.abs().amax(-1)
         worst = max(worst, float(rel.max()))
     return worst

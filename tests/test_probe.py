@@ -15,6 +15,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from hypothesis import strategies as st
 import reference as ref
 from anomaly import rope
 from anomaly.probe import attention_logits, attention_probabilities, capture, mean_logit_by_distance, probe
-from anomaly.probe.capture import rotated_heads
+from anomaly.probe.activations import rotated_heads
 from anomaly.probe.core import EXACT_TAIL
 from anomaly.probe.stats import pair_stats, slice_pair_stats
 
@@ -53,11 +54,11 @@ def rebuild_errors(model, ids) -> tuple:
     other = {"half": "interleaved", "interleaved": "half"}[cap.layout]
     for l, layer in enumerate(cap.layers):
         hf = out.attentions[l][0].float()  # [heads, seq, seq]
-        mine = attention_probabilities(layer, cap.positions, cap.layout)
+        mine = attention_probabilities(layer)
         assert mine.shape == hf.shape
         errs.append((mine - hf).abs().max().item())
         # Controls: the comparison must be able to fail.
-        wrong.append((attention_probabilities(layer, cap.positions, other) - hf).abs().max().item())
+        wrong.append((attention_probabilities(replace(layer, layout=other)) - hf).abs().max().item())
         t = hf.shape[-1]
         uniform = torch.ones(t, t).tril() / torch.arange(1, t + 1)[:, None]
         spread.append((hf - uniform).abs().max().item())
@@ -146,7 +147,7 @@ INTERLEAVED = {
 def test_rebuild_interleaved_families(arch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from anomaly.probe.core import rope_base_of
+    from anomaly.model_surgery import rope_base_of
 
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(
@@ -309,7 +310,7 @@ def test_probe_histogram_bins_within_one_of_exact(tiny_probes):
 
 def brute_mean_logit(layer, cap) -> np.ndarray:
     """``[H, T]``: float64 logits averaged pair by pair at each distance."""
-    logits = attention_logits(layer.to(torch.float64), cap.positions, cap.layout).numpy()  # [H, m, n]
+    logits = attention_logits(layer.to(torch.float64)).numpy()  # [H, m, n]
     t = logits.shape[-1]
     return np.array([[np.mean([logits[h, m, m - s] for m in range(s, t)]) for s in range(t)]
                      for h in range(logits.shape[0])])
@@ -342,9 +343,9 @@ def test_mean_logit_fft_within_rounding_bound(arch, exact_tail, tiny_probes):
     eps = torch.finfo(torch.float32).eps
     for layer in cap.layers:
         assert layer.q.dtype == torch.float32
-        got = mean_logit_by_distance(layer, cap.positions, cap.layout, exact_tail=exact_tail).numpy()
+        got = mean_logit_by_distance(layer, exact_tail=exact_tail).numpy()
         want = brute_mean_logit(layer, cap)
-        q, k = rotated_heads(layer.to(torch.float64), cap.positions, cap.layout)  # [H, T, D], [KV, T, D]
+        q, k = rotated_heads(layer.to(torch.float64))  # [H, T, D], [KV, T, D]
         k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
         norms = (q.norm(dim=1) * k.norm(dim=1)).sum(-1).numpy()  # [H]: Σ_d ‖q_d‖‖k_d‖
         bound = eps * math.log2(2 * t) * norms[:, None] * layer.softmax_scale / np.arange(t, 0, -1)
@@ -642,7 +643,7 @@ def nan_llama(vocab_size: int = 128):
 
 
 def test_capture_refuses_nan_activations():
-    from anomaly.cli import UserError
+    from anomaly.errors import UserError
 
     model = nan_llama()
     with pytest.raises(UserError, match="layer 1 produced NaN"):

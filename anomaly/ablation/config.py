@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from anomaly.cli import UserError
+from anomaly.errors import UserError
 
 VARIANTS = ("rope", "coca_slack", "coca_strict")
 """The three models of the ablation, in the order they are trained and reported."""

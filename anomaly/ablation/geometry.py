@@ -38,7 +38,7 @@ def effective_qk(model: torch.nn.Module, input_ids: Tensor, coca_variant: str | 
     Returns:
         ``[(q [heads, seq, d], k [kv_heads, seq, d])]`` per layer, float64, half layout.
     """
-    from anomaly.probe.capture import capture
+    from anomaly.probe.activations import capture
 
     cap = capture(model, input_ids)
     if cap.layout != "half":

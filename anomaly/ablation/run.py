@@ -30,7 +30,7 @@ from anomaly.ablation.data import AblationData, build_data
 from anomaly.ablation.evaluate import ScalingResult, evaluate_scaling
 from anomaly.ablation.geometry import anomalous_fractions, slack_spread
 from anomaly.ablation.train import CHECKPOINT, TrainState, build_model, load_checkpoint, train
-from anomaly.cli import UserError
+from anomaly.errors import UserError
 from anomaly.io import Provenance, write_json
 from anomaly.models import resolve_device
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from anomaly.ablation.config import COCA_VARIANT, AblationConfig
 from anomaly.ablation.data import EOS
-from anomaly.cli import UserError
+from anomaly.errors import UserError
 from anomaly.io import atomic_dir
 
 CHECKPOINT = "checkpoint"

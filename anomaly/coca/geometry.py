@@ -102,7 +102,7 @@ def measure(
     ones each layer actually uses (rope scaling included). In a CoCA model the captured key
     is the raw T output; in an unconverted model ``k_proj`` stands in for T.
     """
-    from anomaly.probe.capture import capture
+    from anomaly.probe.activations import capture
 
     seq = input_ids.shape[-1]
     if max(distances) >= seq:
@@ -144,7 +144,7 @@ def summarise(layers: list[LayerGeometry]) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int | None:
-    from anomaly.cli import UserError
+    from anomaly.errors import UserError
     from anomaly.corpus import default_document
     from anomaly.io import write_json
 

@@ -6,7 +6,7 @@
 ``python -m anomaly.probe --model smollm2-135m`` runs both on the bundled real model.
 """
 
-from anomaly.probe.capture import Capture, LayerCapture, attention_logits, attention_probabilities, capture
+from anomaly.probe.activations import Capture, LayerCapture, attention_logits, attention_probabilities, capture
 from anomaly.probe.core import CHANCE_FRACTION, mean_logit_by_distance, probe
 
 __all__ = [

@@ -72,8 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.model} ({config.model_type}) has no rotary position embedding (RoPE); "
             "the probe measures RoPE's initial angles, pick a RoPE model"
         )
-    text_config = getattr(config, "text_config", None) or config
-    max_pos = getattr(text_config, "max_position_embeddings", None)
+    max_pos = model_surgery.max_positions_of(config)
     if max_pos and args.tokens > max_pos:
         raise UserError(f"--tokens {args.tokens} exceeds the model's {max_pos} positions; use --tokens {max_pos} or fewer")
     text, text_name = _read_text(args.text)

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from anomaly import analytic
-from anomaly.model_surgery import config_of
-from anomaly.probe.capture import CaptureMeta, LayerCapture, capture, rotated_heads
+from anomaly.model_surgery import config_of, rope_base_of, scaling_record, train_length_of
+from anomaly.probe.activations import LayerCapture, capture, rotated_heads
 from anomaly.probe.stats import PairStats, slice_pair_stats
 from anomaly.rope import slice_members
 
@@ -38,29 +38,12 @@ CHANCE_FRACTION = 0.5
 """Expected case-(d) share for isotropic phases: Θ is then uniform on [0, 2π)."""
 
 
-def train_length_of(config) -> int:
-    """The context length the model was trained at, as its config records it."""
-    params = getattr(config, "rope_parameters", None) or {}
-    if isinstance(params, dict) and params.get("original_max_position_embeddings"):
-        return int(params["original_max_position_embeddings"])
-    return int(config.max_position_embeddings)
-
-
-def rope_base_of(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    if isinstance(params, dict) and "rope_theta" in params:
-        return float(params["rope_theta"])
-    return float(getattr(config, "rope_theta", 10000.0))
-
-
 EXACT_TAIL = 128
 """Distances with the fewest pairs (the last ``EXACT_TAIL``) whose mean logit
 :func:`mean_logit_by_distance` sums directly in float64 instead of by FFT."""
 
 
-def mean_logit_by_distance(
-    layer: LayerCapture, positions: Tensor, layout: str, *, exact_tail: int = EXACT_TAIL
-) -> Tensor:
+def mean_logit_by_distance(layer: LayerCapture, *, exact_tail: int = EXACT_TAIL) -> Tensor:
     """Mean real attention logit at each distance ``s = 0..T−1``, ``[heads, T]`` (float64).
 
     ``Σ_m logit(m, m−s)`` is the cross-correlation of the rotated query and key sequences
@@ -72,7 +55,7 @@ def mean_logit_by_distance(
     On SmolLM2-135M at 2048 tokens the result stays within 3.2e-6 of each head's largest
     mean logit at every lag (``python benchmarks/probe_speed.py`` prints this).
     """
-    q, k = rotated_heads(layer, positions, layout)
+    q, k = rotated_heads(layer)
     h, t, d = q.shape
     kv = k.shape[0]
     r = h // kv
@@ -88,7 +71,7 @@ def mean_logit_by_distance(
         # Lags s ≥ T − w pair queries m ≥ T − w with keys n < w: block[i, j] = q_{T−w+i}·k_j
         # sits at lag T − w + i − j, so lag T − w + c is the sum of diagonal i − j = c.
         q_tail, k_head = rotated_heads(
-            layer, positions, layout, torch.float64, q_rows=slice(t - w, t), k_rows=slice(0, w)
+            layer, torch.float64, q_rows=slice(t - w, t), k_rows=slice(0, w)
         )
         block = (q_tail.reshape(kv, r, w, d) @ k_head[:, None].transpose(-1, -2)).reshape(h, w * w)
         i, j = torch.tril_indices(w, w, device=q.device)  # i ≥ j
@@ -98,15 +81,15 @@ def mean_logit_by_distance(
     return corr / counts * layer.softmax_scale
 
 
-def slice_pair_stats_of(layer: LayerCapture, layout: str, bins: int) -> PairStats:
+def slice_pair_stats_of(layer: LayerCapture, bins: int) -> PairStats:
     """:func:`anomaly.probe.stats.slice_pair_stats` of one captured layer, grouped by
     (key head, slice): entries ``[KV·J, R]`` with ``J`` slices and ``R = H/KV``."""
     q, k = layer.q, layer.k
     h, t, _ = q.shape
     kv = k.shape[0]
     r = h // kv
-    q_re, q_im = slice_members(q, layout)  # [H, T, J] each (views)
-    k_re, k_im = slice_members(k, layout)  # [KV, T, J]
+    q_re, q_im = slice_members(q, layer.layout)  # [H, T, J] each (views)
+    k_re, k_im = slice_members(k, layer.layout)  # [KV, T, J]
     j = q_re.shape[-1]
 
     def queries(x: Tensor) -> Tensor:  # [H, T, J] -> [KV, R, T, J] -> [KV, J, R, T] -> [KV·J, R, T]
@@ -118,12 +101,11 @@ def slice_pair_stats_of(layer: LayerCapture, layout: str, bins: int) -> PairStat
     return slice_pair_stats(queries(q_re), queries(q_im), keys(k_re), keys(k_im), bins=bins)
 
 
-def _layer_stats(layer: LayerCapture, meta: CaptureMeta, bins: int) -> dict[str, Tensor]:
-    layout = meta.layout
+def _layer_stats(layer: LayerCapture, bins: int) -> dict[str, Tensor]:
     h, t, d_rot = layer.q.shape
     kv = layer.k.shape[0]
     r, j = h // kv, d_rot // 2
-    st = slice_pair_stats_of(layer, layout, bins)
+    st = slice_pair_stats_of(layer, bins)
 
     def per_head(x: Tensor) -> Tensor:  # [KV·J, R, ...] -> [KV, J, R, ...] -> [KV, R, J, ...] -> [H, J, ...]
         x = x.reshape(kv, j, r, *x.shape[2:]).transpose(1, 2)
@@ -147,7 +129,7 @@ def _layer_stats(layer: LayerCapture, meta: CaptureMeta, bins: int) -> dict[str,
         "whole_context": analytic.anomalous_slices(mean_angle, freqs, t),
         "q_norm": per_head(st.q_norm),  # [H, J]
         "k_norm": st.k_norm.reshape(kv, j),  # [KV, J]
-        "mean_logit": mean_logit_by_distance(layer, meta.positions, layout),
+        "mean_logit": mean_logit_by_distance(layer),
         "inv_freq": freqs,
         "pairs": torch.tensor(st.pairs),
     }
@@ -190,8 +172,8 @@ def probe(
         raise ValueError("probe needs at least two tokens (one causal pair)")
     per_layer: list[dict[str, Tensor]] = []
 
-    def on_layer(layer: LayerCapture, meta: CaptureMeta) -> None:
-        stats = _layer_stats(layer, meta, bins)
+    def on_layer(layer: LayerCapture) -> None:
+        stats = _layer_stats(layer, bins)
         per_layer.append({key: v.detach().cpu() for key, v in stats.items()})
         if progress is not None:
             progress(layer.index)
@@ -224,7 +206,7 @@ def probe(
         "tokens": t,
         "input_ids": ids.tolist(),
         "rope_base": base,
-        "rope_scaling": _scaling_record(config),
+        "rope_scaling": scaling_record(config),
         "anomalous_fraction": frac.tolist(),
         "weighted_anomalous_fraction": wfrac.tolist(),
         "chance_fraction": CHANCE_FRACTION,
@@ -259,9 +241,3 @@ def probe(
     }
     return summary
 
-
-def _scaling_record(config) -> dict | None:
-    params = getattr(config, "rope_parameters", None)
-    if not isinstance(params, dict) or params.get("rope_type", "default") == "default":
-        return None
-    return {k: v for k, v in params.items() if isinstance(v, (int, float, str))}

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from anomaly import model_surgery as surgery
-from anomaly.cli import UserError
+from anomaly.errors import UserError
 from anomaly.rope import apply_rope
 
 
@@ -30,6 +30,11 @@ class LayerCapture:
 
     index: int
     """Layer index."""
+    positions: Tensor
+    """``[seq]`` the position ids the layer rotated with."""
+    layout: str
+    """``"half"`` or ``"interleaved"``: the layout the layer *applies* its rotation in
+    (docs/conventions.md §1)."""
     q: Tensor
     """``[n_heads, seq, d_rot]`` pre-RoPE queries, rotated dimensions only."""
     k: Tensor
@@ -107,8 +112,6 @@ class Capture:
 
 def rotated_heads(
     layer: LayerCapture,
-    positions: Tensor,
-    layout: str,
     dtype: torch.dtype | None = None,
     *,
     q_rows: slice = slice(None),
@@ -122,6 +125,7 @@ def rotated_heads(
     ``k_rows`` pick token ranges (rotated at their own positions); ``seq`` is then theirs.
     """
     dtype = dtype or layer.q.dtype
+    positions, layout = layer.positions, layer.layout
     freqs = layer.inv_freq.to(torch.promote_types(dtype, layer.inv_freq.dtype))
 
     def heads(x: Tensor, x_pass: Tensor, rows: slice) -> Tensor:
@@ -133,20 +137,20 @@ def rotated_heads(
     return heads(layer.q, layer.q_pass, q_rows), heads(layer.k, layer.k_pass, k_rows)
 
 
-def attention_logits(layer: LayerCapture, positions: Tensor, layout: str) -> Tensor:
+def attention_logits(layer: LayerCapture) -> Tensor:
     """The layer's pre-softmax, pre-mask logits rebuilt from the capture, ``[heads, seq, seq]``.
 
     :func:`rotated_heads`, key heads repeated for grouped-query attention, scaled as the
     layer does. Quadratic in ``seq``: meant for checks and short sequences.
     """
-    q, k = rotated_heads(layer, positions, layout)
+    q, k = rotated_heads(layer)
     k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)  # [h, s, head_dim]
     return (q @ k.transpose(-1, -2)) * layer.softmax_scale
 
 
-def attention_probabilities(layer: LayerCapture, positions: Tensor, layout: str) -> Tensor:
+def attention_probabilities(layer: LayerCapture) -> Tensor:
     """Causal softmax of :func:`attention_logits`, ``[heads, seq, seq]``."""
-    logits = attention_logits(layer, positions, layout)
+    logits = attention_logits(layer)
     seq = logits.shape[-1]
     future = torch.ones(seq, seq, dtype=torch.bool, device=logits.device).triu(1)
     return logits.masked_fill(future, float("-inf")).softmax(-1)
@@ -205,8 +209,7 @@ def capture(
     model: nn.Module,
     input_ids: Tensor,
     *,
-    on_layer: Callable[[LayerCapture, "CaptureMeta"], None] | None = None,
-    progress: Callable[[int], None] | None = None,
+    on_layer: Callable[[LayerCapture], None] | None = None,
 ) -> Capture:
     """Capture every layer's pre-RoPE q/k for one sequence, in one forward pass (ended as
     soon as the last attention layer has run: nothing after it changes a capture).
@@ -218,7 +221,6 @@ def capture(
         on_layer: if given, called with each :class:`LayerCapture` as soon as its layer has
             run, and the layer is *not* kept (the returned capture's ``layers`` is empty):
             lets a probe of a large model stream its statistics in bounded memory.
-        progress: called with the layer index after each layer (for progress bars).
 
     Returns:
         :class:`Capture`; tensors are float32 on the model's device.
@@ -234,7 +236,7 @@ def capture(
     positions = torch.arange(ids.shape[1], device=device)
     store: dict = {}
     kept: list[LayerCapture] = []
-    meta = CaptureMeta(positions=positions)
+    layouts: dict[str, str] = {}  # "table" and "applied", read off the first layer
     matched: dict[tuple, tuple[Tensor, float]] = {}
 
     def on_done(layer: int) -> None:
@@ -248,18 +250,18 @@ def capture(
             )
         cos, sin = rotation
         q, k = site.split(tuple(rec[i] for i in range(len(site.sources))))  # [1, s, h, d]
-        if meta.layout is None:
+        if not layouts:
             # The table's own pattern gives its frequencies; the layer may apply it in
             # the other layout (GLM, Helium, ERNIE-4.5 re-interleave a cat(f, f) table).
-            meta.table_layout = surgery.detect_layout(cos)
-            meta.layout = surgery.applied_layout(site.attention, cos, sin, meta.table_layout)
+            layouts["table"] = surgery.detect_layout(cos)
+            layouts["applied"] = surgery.applied_layout(site.attention, cos, sin, layouts["table"])
         # HF hands every layer of a type the same (cos, sin) tensors: match them once.
         # (Keyed by address and the last position's row, so a freed table's address reused
         # by another table is not mistaken for it.)
         last = torch.stack([cos.reshape(-1, cos.shape[-1])[-1], sin.reshape(-1, sin.shape[-1])[-1]])
         key = (cos.data_ptr(), sin.data_ptr(), tuple(cos.shape), tuple(last.double().flatten().tolist()))
         if key not in matched:
-            matched[key] = surgery.match_frequencies(model, cos, sin, positions, meta.table_layout)
+            matched[key] = surgery.match_frequencies(model, cos, sin, positions, layouts["table"])
         freqs, rope_scale = matched[key]
         d_rot = cos.shape[-1]
         # float32 statistics for half-precision models; float64 models stay float64.
@@ -274,6 +276,8 @@ def capture(
             )
         rec_out = LayerCapture(
             index=layer,
+            positions=positions,
+            layout=layouts["applied"],
             q=q[..., :d_rot].contiguous(),
             k=k[..., :d_rot].contiguous(),
             q_pass=q[..., d_rot:].contiguous(),
@@ -283,11 +287,9 @@ def capture(
             softmax_scale=site.softmax_scale,
         )
         if on_layer is not None:
-            on_layer(rec_out, meta)
+            on_layer(rec_out)
         else:
             kept.append(rec_out)
-        if progress is not None:
-            progress(layer)
         if layer == sites[-1].index:
             raise _Captured  # the last MLP, final norm and head add nothing to a capture
 
@@ -303,7 +305,7 @@ def capture(
         raise UserError("not every attention layer ran; is this a decoder-only causal LM?")
     return Capture(
         layers=kept,
-        layout=meta.layout,
+        layout=layouts["applied"],
         positions=positions,
         n_heads=sites[0].n_heads,
         n_kv_heads=sites[0].n_kv_heads,
@@ -311,15 +313,3 @@ def capture(
         extra={"model_type": config.model_type},
     )
 
-
-@dataclass
-class CaptureMeta:
-    """What a streaming consumer needs besides the layer itself."""
-
-    positions: Tensor
-    """``[seq]`` position ids."""
-    layout: str | None = None
-    """Layout the layers apply the rotation in (SPEC §1), set once the first layer has run."""
-    table_layout: str | None = None
-    """Layout of the model's ``(cos, sin)`` table (differs from :attr:`layout` for GLM,
-    Helium, ERNIE-4.5)."""
