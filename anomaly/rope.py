@@ -1,6 +1,6 @@
 """Rotary position embedding: the one place the project's RoPE conventions live.
 
-Conventions (``SPEC.md`` §1–2):
+Conventions (docs/conventions.md §1–2):
 
 * A head vector ``x`` of even size ``d`` is read as ``d/2`` complex slices ``z_j``.
   ``layout="half"`` (HF LLaMA/Mistral/Qwen/GPT-NeoX, ``rotate_half``):
@@ -223,12 +223,8 @@ def _llama3_inv_freq(dim: int, base: float, s: RopeScaling) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def _complex_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
-
-
 def to_complex(x: Tensor, layout: Layout = "half") -> Tensor:
-    """Read real ``x [..., d]`` as complex slices ``z [..., d/2]`` (SPEC §1).
+    """Read real ``x [..., d]`` as complex slices ``z [..., d/2]`` (docs/conventions.md §1).
 
     Half-precision inputs are promoted to complex64.
     """

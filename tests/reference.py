@@ -7,6 +7,7 @@ tricks, one slice and one pair at a time.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -93,3 +94,76 @@ def rising_run(theta0: float, freq: float, causal: bool = True, limit: int = 10*
             break
         count += 1
     return count
+
+
+# --------------------------------------------------------------------------------------
+# Pair statistics of the initial angle (the probe's core, CoCA's effective contents)
+# --------------------------------------------------------------------------------------
+
+_PI = Fraction(math.pi)
+
+
+def in_case_d(a: float, b: float, tol: float = 0.0) -> bool:
+    """Θ = (a − b) mod 2π in (π, 2π − tol), decided exactly on the floats (π taken as
+    ``math.pi``): float ``%`` would round 2π − 1e-300 up to 2π. ``|Θ| ≤ tol`` reads as 0."""
+    x = Fraction(a) - Fraction(b)
+    if x < 0:
+        x += 2 * _PI
+    return _PI < x < 2 * _PI - Fraction(tol)
+
+
+def pair_statistics(q: np.ndarray, k: np.ndarray, layout: str, tol: float = 0.0, bins: int = 16) -> dict:
+    """Every pair statistic of the probe, one head, slice and causal pair at a time.
+
+    Args:
+        q: ``[H, T, d]`` query contents; k: ``[KV, T, d]`` key contents (query head ``h``
+            reads key head ``h // (H / KV)``).
+        tol: Θ within ``tol`` of 0 (mod 2π) is read as 0.
+
+    Returns:
+        ``count_d``, ``weight_d``, ``weight_all``, ``product_re``, ``product_im`` (the real
+        and imaginary parts of ``Σ_{m>n} q_{m,j} k̄_{n,j}``), all ``[H, J]``, and ``hist``
+        (``[H, J, bins]``: pair to bin ``(bin(a) − bin(b)) mod bins``, a zero slice to 0).
+    """
+    heads, t, d = q.shape
+    group = heads // k.shape[0]
+    out = {
+        "count_d": np.zeros((heads, d // 2), dtype=np.int64),
+        "weight_d": np.zeros((heads, d // 2)),
+        "weight_all": np.zeros((heads, d // 2)),
+        "product_re": np.zeros((heads, d // 2)),
+        "product_im": np.zeros((heads, d // 2)),
+        "hist": np.zeros((heads, d // 2, bins), dtype=np.int64),
+    }
+    for h in range(heads):
+        for j in range(d // 2):
+            re, im = slice_index(j, d, layout)
+            for m in range(t):
+                qx, qy = float(q[h, m, re]), float(q[h, m, im])
+                for n in range(m):
+                    kx, ky = float(k[h // group, n, re]), float(k[h // group, n, im])
+                    wq, wk = math.hypot(qx, qy), math.hypot(kx, ky)
+                    out["weight_all"][h, j] += wq * wk
+                    out["product_re"][h, j] += qx * kx + qy * ky  # q · conj(k)
+                    out["product_im"][h, j] += qy * kx - qx * ky
+                    if wq == 0 or wk == 0:  # a zero slice has Θ = 0
+                        out["hist"][h, j, 0] += 1
+                        continue
+                    a, b = math.atan2(qy, qx) % (2 * math.pi), math.atan2(ky, kx) % (2 * math.pi)
+                    a, b = (0.0 if a == 2 * math.pi else a), (0.0 if b == 2 * math.pi else b)
+                    if in_case_d(a, b, tol):
+                        out["count_d"][h, j] += 1
+                        out["weight_d"][h, j] += wq * wk
+                    bin_a, bin_b = (min(int(x * bins / (2 * math.pi)), bins - 1) for x in (a, b))
+                    out["hist"][h, j, (bin_a - bin_b) % bins] += 1
+    return out
+
+
+def anomalous_fractions(q: np.ndarray, k: np.ndarray, layout: str, tol: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(anomalous_fraction [H], weighted_anomalous_fraction [H])``: case-(d) shares of the
+    causal triples (query, key, slice), unweighted and weighted by ``|q_j||k_j|``."""
+    st = pair_statistics(q, k, layout, tol)
+    t, j = q.shape[1], q.shape[2] // 2
+    frac = st["count_d"].sum(-1) / (j * t * (t - 1) / 2)
+    w_all = st["weight_all"].sum(-1)
+    return frac, np.where(w_all > 0, st["weight_d"].sum(-1) / np.where(w_all > 0, w_all, 1), 0.0)

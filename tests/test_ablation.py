@@ -88,9 +88,11 @@ def test_results_keys_and_shapes(results):
         for s in SCALINGS:
             assert all(0.0 <= a <= 1.0 for a in results["passkey"][v][s])
             assert all(p > 1.0 for p in results["ppl"][v][s])
-            # ppl is exp of the mean NLL.
+            # ppl is exp of the mean NLL. Both are written at 6 significant digits
+            # (anomaly.io.FLOAT_DIGITS): p carries a relative rounding error ≤ 5e-6 and n an
+            # absolute one ≤ |n|·5e-6, which exp turns into the same relative error.
             for p, n in zip(results["ppl"][v][s], results["nll"][v][s]):
-                assert p == pytest.approx(math.exp(n), rel=1e-9)
+                assert p == pytest.approx(math.exp(n), rel=5e-6 * (1 + abs(n)) * 1.01)
         assert results["training"][v]["steps"] == SMOKE.train.steps
         curve = results["training"][v]["curve"]
         assert curve["step"][-1] == SMOKE.train.steps
@@ -286,6 +288,27 @@ def test_different_config_in_same_out_is_refused(smoke_run, capsys):
     assert err.startswith("error:") and "different configuration" in err and len(err.splitlines()) == 1
     assert (smoke_run / "config.json").read_text() == before
     assert run_main(ablation_main, ["--preset", "nope", "--out", str(smoke_run)]) == 2
+
+
+def test_foreign_files_in_the_run_folder_survive_a_rerun(smoke_run):
+    from anomaly.outputs import MANIFEST
+
+    notes = smoke_run / "notes.txt"
+    notes.write_text("the user's notes")
+    (smoke_run / "figures" / "notes.txt").write_text("more notes")
+    try:
+        assert run_main(ablation_main, ["--preset", "smoke", "--out", str(smoke_run)]) == 0
+        # The run's figures can be regenerated in place by the plots command.
+        assert run_main(plots.main, [str(smoke_run), "--out", str(smoke_run / "figures")]) == 0
+        assert notes.read_text() == "the user's notes"
+        assert (smoke_run / "figures" / "notes.txt").read_text() == "more notes"
+        owners = json.loads((smoke_run / MANIFEST).read_text())["files"]
+        assert owners["config.json"] == owners["results.json"] == "anomaly.ablation"
+        figures = json.loads((smoke_run / "figures" / MANIFEST).read_text())["files"]
+        assert figures["ablation_ppl.pdf"] == "anomaly.ablation.plots" and "notes.txt" not in figures
+    finally:
+        notes.unlink()
+        (smoke_run / "figures" / "notes.txt").unlink()
 
 
 def test_deadline_stop_resumes_to_the_same_final_weights(smoke_run, tmp_path):

@@ -54,7 +54,7 @@ def test_wrap_angle_is_half_open():
 
 
 SCENARIO_TABLE = [
-    # Θ, m, n, case — including the boundaries Θ = 0 and Θ = π (SPEC §3: Θ ≤ π is a/b).
+    # Θ, m, n, case — including the boundaries Θ = 0 and Θ = π (docs/conventions.md §3: Θ ≤ π is a/b).
     (0.0, 1, 5, "a"), (0.0, 5, 1, "b"), (1.0, 1, 5, "a"), (1.0, 5, 1, "b"),
     (PI, 1, 5, "a"), (PI, 5, 1, "b"), (PI + 1e-9, 1, 5, "c"), (PI + 1e-9, 5, 1, "d"),
     (4.0, 1, 5, "c"), (4.0, 5, 1, "d"), (2 * PI - 1e-9, 5, 1, "d"), (2 * PI, 5, 1, "b"),

@@ -1,4 +1,4 @@
-"""anomaly.coca attention kernels against literal float64 loops (SPEC §5).
+"""anomaly.coca attention kernels against literal float64 loops (docs/conventions.md §5).
 
 References: ``reference.strict_score`` is Eq. 9 literally (key slice = t_{n,j} × query
 slice, rotate both, dot), ``reference.slack_score`` the released code's

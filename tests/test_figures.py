@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import subprocess
@@ -10,7 +11,8 @@ import sys
 import torch
 
 from anomaly import analytic as an
-from anomaly.figures import FIGURES, anomaly_map, fig3_cases, main, scaling_study
+from anomaly.figures import FIGURES, anomaly_map, fig3_cases, main, make_all, scaling_study
+from anomaly.io import FLOAT_DIGITS, REPO_ROOT, code_version, write_json
 
 PI = math.pi
 
@@ -54,7 +56,8 @@ def test_cli_writes_pdf_png_and_provenance(tmp_path):
         for ext in ("pdf", "png", "json"):
             assert (tmp_path / f"{name}.{ext}").stat().st_size > 0
         prov = json.loads((tmp_path / f"{name}.json").read_text())
-        assert prov["command"].startswith("python") and prov["commit"]
+        assert prov["command"].startswith("python")
+        assert {"anomaly/figures.py", "anomaly/analytic.py", "anomaly/plotting/analytic.py"} <= set(prov["code"])
     assert (tmp_path / "fig3_cases.pdf").read_bytes()[:4] == b"%PDF"
     assert not list(tmp_path.glob(".*tmp"))  # nothing half-written left behind
 
@@ -67,3 +70,37 @@ def test_cli_bad_figure_name_exits_2(tmp_path):
 
 def test_all_figures_listed():
     assert set(FIGURES) == {"fig3_cases", "fig3_map", "scaling_borders", "decay_bounds"}
+
+
+def test_regeneration_writes_the_same_bytes(tmp_path):
+    """Same inputs, same bytes: no dates, tool versions or machine paths in PDF, PNG or JSON."""
+    make_all(tmp_path / "a", command="test")
+    make_all(tmp_path / "b", command="test")
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").iterdir())
+    assert len(files) == 3 * len(FIGURES) + 1  # and the output manifest
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    pdf = (tmp_path / "a" / "fig3_cases.pdf").read_bytes()
+    assert b"CreationDate" not in pdf and b"Matplotlib" not in pdf
+    assert str(tmp_path).encode() not in (tmp_path / "a" / "fig3_cases.json").read_bytes()
+
+
+def test_code_version_follows_imports_and_content(tmp_path):
+    code = code_version("anomaly.figures")
+    # Direct, function-level (plotting) and parent-package imports are all followed.
+    assert {"anomaly/__init__.py", "anomaly/figures.py", "anomaly/rope.py", "anomaly/plotting/style.py"} <= set(code)
+    assert not any("probe" in path or "coca" in path for path in code)  # nothing it does not import
+    digest = hashlib.sha256((REPO_ROOT / "anomaly/rope.py").read_bytes()).hexdigest()[:12]
+    assert code["anomaly/rope.py"] == digest
+
+
+def test_write_json_rounds_floats_to_stated_digits(tmp_path):
+    obj = {"x": 0.45598655012824707, "noisy": [1 / 3, 1 / 3 + 4e-8], "n": 2048, "inf": math.inf,
+           "nan": math.nan, "t": torch.tensor([2.0 / 3], dtype=torch.float64)}
+    data = json.loads(write_json(tmp_path / "r.json", obj).read_text())
+    assert data["x"] == 0.455987 and data["n"] == 2048 and data["nan"] is None and data["inf"] == math.inf
+    assert data["noisy"][0] == data["noisy"][1] == 0.333333  # float32-sized noise disappears
+    assert data["t"] == [0.666667]
+    exact = json.loads(write_json(tmp_path / "e.json", obj, digits=None).read_text())
+    assert exact["x"] == 0.45598655012824707 and FLOAT_DIGITS == 6
+

@@ -4,7 +4,8 @@
   eager attention probabilities (every tiny family, RoPE scalings, interleaved layouts,
   and the real SmolLM2).
 * Statistics: the summary's fractions, histograms and mean logits equal brute-force float64
-  counts over all causal pairs; ``pair_stats`` equals a brute-force count on random phases.
+  counts over all causal pairs; ``pair_statistics`` (both implementations) equals the
+  reference loops of tests/reference.py on random contents.
 * CLI: the real bundled model end to end, and one-line exit-2 errors for bad input.
 """
 
@@ -16,7 +17,6 @@ import math
 import subprocess
 import sys
 from dataclasses import replace
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from anomaly import rope
 from anomaly.probe import attention_logits, attention_probabilities, capture, mean_logit_by_distance, probe
 from anomaly.probe.activations import rotated_heads
 from anomaly.probe.core import EXACT_TAIL
-from anomaly.probe.stats import pair_stats, slice_pair_stats
+from anomaly.probe.stats import pair_statistics
 
 TWO_PI = 2 * math.pi
 # Random tiny models are initialised at 0.1 (not HF's 0.02) so that their attention is far
@@ -163,8 +163,8 @@ def test_rebuild_interleaved_families(arch):
     kv = INTERLEAVED[arch].get("num_key_value_heads", 4)
     assert cap.q[0].shape == (4, t, d_rot) and cap.k[0].shape == (kv, t, d_rot)
     np.testing.assert_allclose(cap.inv_freq[0].double().numpy(), ref.freqs(d_rot, rope_base_of(cfg)), rtol=1e-6)
-    summary = probe(model, ids_for(model, t)[0], bins=8)  # the statistics run on it too
-    assert summary["layout"] == "interleaved" and summary["rotary_dim"] == d_rot
+    result = probe(model, ids_for(model, t)[0], bins=8)  # the statistics run on it too
+    assert result.layout == "interleaved" and result.rotary_dim == d_rot
 
 
 # --------------------------------------------------------------------------------------
@@ -237,14 +237,14 @@ def tiny_probes():
 
 
 def test_probe_fractions_equal_brute_force(tiny_arch, tiny_probes):
-    model, ids, cap, summary = tiny_probes[tiny_arch]
+    model, ids, cap, result = tiny_probes[tiny_arch]
     bf = brute_force(cap)
-    frac, wfrac = np.asarray(summary["anomalous_fraction"]), np.asarray(summary["weighted_anomalous_fraction"])
+    frac, wfrac = result.anomalous_fraction, result.weighted_anomalous_fraction
     assert frac.shape == wfrac.shape == (model.config.num_hidden_layers, cap.n_heads)
     # One triple is 1/(J·T(T−1)/2) ≈ 6e-5 here: the counts must agree exactly.
     np.testing.assert_allclose(frac, bf["frac"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(wfrac, bf["wfrac"], rtol=1e-10, atol=0)
-    assert summary["mean_anomalous_fraction"] == pytest.approx(bf["frac"].mean(), abs=1e-12)
+    assert result.to_json()["mean_anomalous_fraction"] == pytest.approx(bf["frac"].mean(), abs=1e-12)
     # Not all heads the same (GQA heads sharing a key head differ through their queries).
     assert np.ptp(frac) > 0
 
@@ -265,9 +265,10 @@ def test_brute_force_matches_reference_loops(tiny_probes):
 
 
 def test_probe_histograms_and_keys(tiny_arch, tiny_probes):
-    model, ids, cap, summary = tiny_probes[tiny_arch]
+    model, ids, cap, result = tiny_probes[tiny_arch]
     t = ids.numel()
-    arrays = summary["arrays"]
+    arrays = result.arrays()
+    summary = result.to_json()
     L, H, J = len(cap.layers), cap.n_heads, cap.rotary_dim // 2
     hist = arrays["theta_hist"]
     assert hist.shape == (L, H, J, 16)
@@ -282,12 +283,13 @@ def test_probe_histograms_and_keys(tiny_arch, tiny_probes):
     assert summary["layout"] == "half" and summary["tokens"] == t
     assert summary["input_ids"] == ids.tolist()
     np.testing.assert_array_equal(arrays["input_ids"], ids.numpy())
-    json.dumps({k: v for k, v in summary.items() if k != "arrays"})  # JSON-ready
+    assert result.kind == "rope" and result.zero_angle_tolerance == 0
+    json.dumps(summary)  # JSON-ready
 
 
 def test_probe_histogram_bins_within_one_of_exact(tiny_probes):
     """theta_hist puts each pair within one bin of its exact Θ bin (as documented)."""
-    _, ids, cap, summary = tiny_probes["qwen2"]
+    _, ids, cap, result = tiny_probes["qwen2"]
     bins = 16
     layer = cap.layers[0]
     q, k = layer.q.double().numpy(), layer.k.double().numpy()
@@ -298,7 +300,7 @@ def test_probe_histogram_bins_within_one_of_exact(tiny_probes):
     a, b = ref.slice_index(j, d, cap.layout)
     theta = np.mod(np.arctan2(q[h, :, b], q[h, :, a])[:, None] - np.arctan2(k[g, :, b], k[g, :, a])[None, :], TWO_PI)
     exact = np.bincount(np.minimum((theta[np.tril_indices(t, -1)] * bins / TWO_PI).astype(int), bins - 1), minlength=bins)
-    got = summary["arrays"]["theta_hist"][0, h, j]
+    got = result.theta_hist[0, h, j]
     assert got.sum() == exact.sum()
     # Moving each pair by at most one bin: cumulative counts differ by at most the counts of
     # the neighbouring bins.
@@ -317,9 +319,9 @@ def brute_mean_logit(layer, cap) -> np.ndarray:
 
 
 def test_probe_mean_logit_equals_brute_force(tiny_arch, tiny_probes):
-    _, ids, cap, summary = tiny_probes[tiny_arch]
+    _, ids, cap, result = tiny_probes[tiny_arch]
     t = ids.numel()
-    got = summary["arrays"]["mean_logit"]  # [L, H, T]
+    got = result.mean_logit  # [L, H, T]
     assert got.shape == (len(cap.layers), cap.n_heads, t)
     # T = 56 ≤ EXACT_TAIL: every lag is summed pair by pair in float64 (the FFT path is
     # checked below).
@@ -327,8 +329,8 @@ def test_probe_mean_logit_equals_brute_force(tiny_arch, tiny_probes):
     for l, layer in enumerate(cap.layers):
         want = brute_mean_logit(layer, cap)
         np.testing.assert_allclose(got[l], want, rtol=0, atol=1e-9 * np.abs(want).max())
-    peaks = np.asarray(summary["logit_peak_distance"])
-    window = summary["logit_peak_window"]
+    peaks = result.logit_peak_distance
+    window = result.logit_peak_window
     assert ((peaks >= 1) & (peaks <= window)).all()
     np.testing.assert_array_equal(peaks, 1 + got[:, :, 1 : window + 1].argmax(-1))
 
@@ -357,103 +359,148 @@ def test_mean_logit_fft_within_rounding_bound(arch, exact_tail, tiny_probes):
 
 
 # --------------------------------------------------------------------------------------
-# pair_stats: property test against a brute-force count
+# pair_statistics: both implementations against the brute-force reference loops
 # --------------------------------------------------------------------------------------
 
-GRID = 7  # repeated phases on k·2π/7: ties Θ = 0 happen, exact-π differences cannot
-_phase = st.one_of(
-    st.integers(0, GRID - 1).map(lambda i: i * TWO_PI / GRID),
-    st.floats(0.0, TWO_PI, exclude_max=True, allow_nan=False),
+GRID = 7  # phases on k·2π/7: ties (Θ = 0) happen, exact-π differences cannot
+
+
+def _polar(r: float, angle: float) -> tuple[float, float]:
+    return r * math.cos(angle), r * math.sin(angle)
+
+
+# Lengths differ by powers of two only, so equal angles stay exactly equal under any phase
+# formula (atan2, the sweep's pseudo-angle); angles on the grid or generic.
+_vector = st.one_of(
+    st.just((0.0, 0.0)),
+    st.tuples(st.sampled_from([0.5, 1.0, 2.0, 4.0]),
+              st.one_of(st.integers(0, GRID - 1).map(lambda i: i * TWO_PI / GRID), st.floats(1e-3, TWO_PI - 1e-3)),
+              ).map(lambda ra: _polar(*ra)),
 )
-_mag = st.one_of(st.just(0.0), st.floats(0.01, 10.0))
-PI = Fraction(math.pi)
 
 
-def exact_case_d(a: float, b: float) -> bool:
-    """Θ = (a − b) mod 2π in (π, 2π), decided in exact rational arithmetic on the floats
-    (π taken as ``math.pi``): float ``%`` would round 2π − 1e-300 up to 2π."""
-    x = Fraction(a) - Fraction(b)  # in (−2π, 2π)
-    return PI < x < 2 * PI or -PI < x < 0
+def _slices_to_vectors(slices: list, n: int, t: int, layout: str) -> np.ndarray:
+    """``[n, t, 2J]`` from a list of ``n·t·J`` (re, im) slices, laid out in ``layout``."""
+    j = len(slices) // (n * t)
+    x = np.zeros((n, t, 2 * j))
+    for idx, (re, im) in enumerate(slices):
+        h, rest = divmod(idx, t * j)
+        m, jj = divmod(rest, j)
+        a, b = ref.slice_index(jj, 2 * j, layout)
+        x[h, m, a], x[h, m, b] = re, im
+    return x
 
 
 @st.composite
-def phase_sets(draw):
-    g, r, t = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(2, 40))
-    a = np.array(draw(st.lists(_phase, min_size=g * r * t, max_size=g * r * t))).reshape(g, r, t)
-    wa = np.array(draw(st.lists(_mag, min_size=g * r * t, max_size=g * r * t))).reshape(g, r, t)
-    b = np.array(draw(st.lists(_phase, min_size=g * t, max_size=g * t))).reshape(g, t)
-    wb = np.array(draw(st.lists(_mag, min_size=g * t, max_size=g * t))).reshape(g, t)
-    # Θ within rounding of ±π is undecidable in float64 (the code compares b with a ± π,
-    # itself rounded): keep such pairs out. Ties at Θ = 0 and Θ → 2π stay in.
-    gap = np.abs(np.abs(a[:, :, :, None] - b[:, None, None, :]) - math.pi)
-    assume(gap.min() > 1e-9)
-    block = draw(st.one_of(st.none(), st.integers(1, t)))
-    bins = draw(st.integers(2, 12))
-    return a, wa, b, wb, block, bins
+def layer_contents(draw):
+    kv, r, t, j = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(2, 24)), draw(st.integers(1, 3))
+    layout = draw(st.sampled_from(rope.LAYOUTS))
+    pool = draw(st.lists(_vector, min_size=1, max_size=6))  # repeated vectors: tied phases
+    vec = st.one_of(_vector, st.sampled_from(pool))
+    q = _slices_to_vectors(draw(st.lists(vec, min_size=kv * r * t * j, max_size=kv * r * t * j)), kv * r, t, layout)
+    k = _slices_to_vectors(draw(st.lists(vec, min_size=kv * t * j, max_size=kv * t * j)), kv, t, layout)
+    tol = draw(st.sampled_from([0.0, 1e-9, 0.05, 1.0]))
+    # Θ within rounding of π or of 2π − tol is undecidable in float64 (the code compares
+    # phases with a ± π and a + tol, themselves rounded): keep such pairs out. Ties at
+    # Θ = 0 stay in.
+    re_im = np.array([ref.slice_index(i, 2 * j, layout) for i in range(j)])
+    qa = np.arctan2(q[..., re_im[:, 1]], q[..., re_im[:, 0]]) % TWO_PI  # [H, T, J]
+    ka = np.arctan2(k[..., re_im[:, 1]], k[..., re_im[:, 0]]) % TWO_PI
+    ka = np.repeat(ka, r, axis=0)
+    theta = (qa[:, :, None, :] - ka[:, None, :, :]) % TWO_PI  # [H, m, n, J]
+    assume(np.abs(theta - math.pi).min() > 1e-9)
+    assume(np.all((theta == 0) | (np.minimum(theta, TWO_PI - theta) > 1e-9)))
+    if tol > 0:
+        assume(np.abs(theta - (TWO_PI - tol)).min() > 1e-9)
+    return q, k, layout, tol, draw(st.integers(2, 12)), draw(st.one_of(st.none(), st.integers(1, t)))
 
 
 @pytest.mark.parametrize("method", ["sweep", "blocks"])
-@settings(max_examples=60, deadline=None, database=None)
-@given(data=phase_sets())
-def test_pair_stats_equals_brute_force(method, data):
-    a, wa, b, wb, block, bins = data
-    g, r, t = a.shape
-    st_ = pair_stats(*(torch.from_numpy(x) for x in (a, wa, b, wb)), bins=bins, block=block, method=method)
-    count = np.zeros((g, r), dtype=np.int64)
-    wd, wall = np.zeros((g, r)), np.zeros((g, r))
-    hist = np.zeros((g, r, bins), dtype=np.int64)
-    prod = np.zeros((g, r), dtype=complex)
-    for gi in range(g):
-        for ri in range(r):
-            for m in range(t):
-                for n in range(m):
-                    w = wa[gi, ri, m] * wb[gi, n]
-                    wall[gi, ri] += w
-                    prod[gi, ri] += w * np.exp(1j * (a[gi, ri, m] - b[gi, n]))
-                    if wa[gi, ri, m] == 0 or wb[gi, n] == 0:
-                        hist[gi, ri, 0] += 1  # a zero slice has Θ = 0
-                        continue
-                    if exact_case_d(a[gi, ri, m], b[gi, n]):
-                        count[gi, ri] += 1
-                        wd[gi, ri] += w
-                    # The documented binning: bin(a) − bin(b) mod bins, bin = ⌊phase·bins/2π⌋.
-                    bin_a = min(int(a[gi, ri, m] * bins / TWO_PI), bins - 1)
-                    bin_b = min(int(b[gi, n] * bins / TWO_PI), bins - 1)
-                    hist[gi, ri, (bin_a - bin_b) % bins] += 1
-    assert st_.pairs == t * (t - 1) // 2
-    np.testing.assert_array_equal(st_.count_d.numpy(), count)
-    np.testing.assert_allclose(st_.weight_d.numpy(), wd, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(st_.weight_all.numpy(), wall, rtol=1e-10, atol=1e-10)
-    np.testing.assert_array_equal(st_.hist.numpy(), hist)
-    np.testing.assert_allclose(st_.mean_product.numpy(), prod, rtol=1e-9, atol=1e-9)
+@settings(max_examples=50, deadline=None, database=None)
+@given(data=layer_contents())
+def test_pair_statistics_equal_reference_loops(method, data):
+    """Every statistic, zero slices, tied phases, both layouts, with and without the
+    zero-angle tolerance: exactly the brute-force loop's counts and histograms."""
+    q, k, layout, tol, bins, block = data
+    got = pair_statistics(torch.from_numpy(q), torch.from_numpy(k), layout, bins=bins, zero_angle_tol=tol,
+                          method=method, block=block)
+    want = ref.pair_statistics(q, k, layout, tol, bins)
+    t = q.shape[1]
+    assert got.pairs == t * (t - 1) // 2
+    np.testing.assert_array_equal(got.count_d.numpy(), want["count_d"])
+    np.testing.assert_array_equal(got.hist.numpy(), want["hist"])
+    np.testing.assert_allclose(got.weight_d.numpy(), want["weight_d"], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(got.weight_all.numpy(), want["weight_all"], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(got.mean_product.real.numpy(), want["product_re"], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got.mean_product.imag.numpy(), want["product_im"], rtol=1e-9, atol=1e-9)
 
 
-def test_slice_pair_stats_sweep_equals_blocks():
-    """The probe's entry point: the compiled one-pass form (phases computed inside) and
-    the vectorised tensor form agree on real-valued slices, zero slices, tied keys and
-    crowded phases."""
+@pytest.mark.parametrize("layout", rope.LAYOUTS)
+def test_pair_statistics_random_layers_equal_reference(layout):
+    """Random float32 contents with grouped-query heads (the probe's case): both
+    implementations equal the reference loop, with and without the tolerance."""
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(4, 33, 6, generator=g), torch.randn(2, 33, 6, generator=g)
+    for tol in (0.0, 0.2):
+        want = ref.pair_statistics(q.double().numpy(), k.double().numpy(), layout, tol, bins=8)
+        assert 0 < want["count_d"].sum() < q.shape[0] * 3 * 33 * 32 // 2
+        for method in ("sweep", "blocks"):
+            got = pair_statistics(q, k, layout, bins=8, zero_angle_tol=tol, method=method)
+            np.testing.assert_array_equal(got.count_d.numpy(), want["count_d"])
+            np.testing.assert_array_equal(got.hist.numpy(), want["hist"])
+            np.testing.assert_allclose(got.weight_d.numpy(), want["weight_d"], rtol=1e-9)
+    # The tolerance must be able to change the count: 0.2 rad removes pairs near 2π.
+    assert (ref.pair_statistics(q.double().numpy(), k.double().numpy(), layout, 0.2, bins=8)["count_d"].sum()
+            < ref.pair_statistics(q.double().numpy(), k.double().numpy(), layout, 0.0, bins=8)["count_d"].sum())
+
+
+def test_zero_angle_tolerance_absorbs_rounded_zeros():
+    """Contents at angle 0 up to ±1e-16 rad (strict CoCA's, rotated back in float64): case
+    (d) without the tolerance, none with it, in both implementations."""
+    g = torch.Generator().manual_seed(2)
+    rho = torch.rand(2, 40, 4, generator=g, dtype=torch.float64) + 0.1
+    noise = 1e-16 * torch.randn(2, 40, 4, generator=g, dtype=torch.float64)
+    q = torch.cat([rho, rho * noise], -1)  # half layout: slice j = (rho, rho·1e-16)
+    k = torch.cat([rho.flip(1), -rho.flip(1) * noise], -1)
+    for method in ("sweep", "blocks"):
+        assert pair_statistics(q, k, "half", method=method).count_d.sum() > 0  # the failure it fixes
+        assert pair_statistics(q, k, "half", zero_angle_tol=1e-9, method=method).count_d.sum() == 0
+
+
+def test_pair_statistics_sweep_equals_blocks():
+    """The compiled one-pass form and the vectorised tensor form agree on longer sequences
+    than the reference loop can afford: zero slices, tied keys and crowded phases."""
     g = torch.Generator().manual_seed(3)
-    for (G, R, T) in [(5, 3, 50), (7, 1, 123), (4, 2, 300), (5, 2, 600)]:
-        qr, qi = torch.randn(G, R, T, generator=g), torch.randn(G, R, T, generator=g)
-        kr, ki = torch.randn(G, T, generator=g), torch.randn(G, T, generator=g)
-        qr[0, 0, :7] = qi[0, 0, :7] = 0  # zero query slices
-        kr[1, :9] = ki[1, :9] = 0  # zero key slices
-        kr[2, 5:10], ki[2, 5:10] = kr[2, 0], ki[2, 0]  # tied key phases
-        # Phases crowded into a few 1e-4-rad buckets (a slice dominated by a bias): keys near
-        # 0 in group 3, with queries near 0 there and near π in group 4, where the case-(d)
-        # thresholds land inside the crowded bucket.
-        if G >= 5:
-            kr[3:5] = 1 + 1e-5 * torch.randn(2, T, generator=g)
-            ki[3:5] = 1e-4 * torch.randn(2, T, generator=g)
-            qr[3], qi[3] = 1 + 1e-5 * torch.randn(R, T, generator=g), 1e-4 * torch.randn(R, T, generator=g)
-            qr[4], qi[4] = -1 + 1e-5 * torch.randn(R, T, generator=g), 1e-4 * torch.randn(R, T, generator=g)
-        sweep = slice_pair_stats(qr, qi, kr, ki, bins=16, method="sweep")
-        blocks = slice_pair_stats(qr, qi, kr, ki, bins=16, method="blocks")
-        assert torch.equal(sweep.count_d, blocks.count_d)
-        assert torch.equal(sweep.hist, blocks.hist)
-        assert sweep.hist.sum(-1).eq(T * (T - 1) // 2).all()
-        for field in ("weight_d", "weight_all", "mean_product", "q_norm", "k_norm"):
-            torch.testing.assert_close(getattr(sweep, field), getattr(blocks, field), rtol=1e-10, atol=1e-10)
+    for (kv, r, t, j) in [(2, 3, 50, 3), (7, 1, 123, 1), (2, 2, 300, 2), (5, 2, 600, 1)]:
+        q, k = torch.randn(kv * r, t, 2 * j, generator=g), torch.randn(kv, t, 2 * j, generator=g)
+        q[0, :7] = 0  # zero query slices
+        k[-1, :9] = 0  # zero key slices
+        k[0, 5:10] = k[0, 0]  # tied key phases
+        if kv >= 5:  # phases crowded into a few 1e-4-rad buckets (a bias-dominated slice),
+            # with the queries' case-(d) thresholds landing inside the crowd
+            k[3:5, :, 0] = 1 + 1e-5 * torch.randn(2, t, generator=g)
+            k[3:5, :, 1] = 1e-4 * torch.randn(2, t, generator=g)
+            q[3 * r : 4 * r, :, 0] = 1 + 1e-5 * torch.randn(r, t, generator=g)
+            q[4 * r : 5 * r, :, 0] = -1 + 1e-5 * torch.randn(r, t, generator=g)
+            q[3 * r : 5 * r, :, 1] = 1e-4 * torch.randn(2 * r, t, generator=g)
+        for tol in (0.0, 1e-9):
+            sweep = pair_statistics(q, k, "half", bins=16, zero_angle_tol=tol, method="sweep")
+            blocks = pair_statistics(q, k, "half", bins=16, zero_angle_tol=tol, method="blocks")
+            assert torch.equal(sweep.count_d, blocks.count_d)
+            assert torch.equal(sweep.hist, blocks.hist)
+            assert sweep.hist.sum(-1).eq(t * (t - 1) // 2).all()
+            for field in ("weight_d", "weight_all", "mean_product", "q_norm", "k_norm"):
+                torch.testing.assert_close(getattr(sweep, field), getattr(blocks, field), rtol=1e-10, atol=1e-10)
+
+
+def test_pair_statistics_refuses_bad_input():
+    q, k = torch.randn(4, 10, 8), torch.randn(3, 10, 8)
+    with pytest.raises(ValueError, match="multiple of the key heads"):
+        pair_statistics(q, k, "half")
+    with pytest.raises(ValueError, match="zero_angle_tol"):
+        pair_statistics(q, k[:2], "half", zero_angle_tol=4.0)
+    with pytest.raises(ValueError, match="method"):
+        pair_statistics(q, k[:2], "half", method="fast")
 
 
 _coord = st.one_of(st.just(0.0), st.floats(-1e3, 1e3, allow_nan=False), st.floats(-1e-30, 1e-30))

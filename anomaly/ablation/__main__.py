@@ -3,7 +3,8 @@
 Trains ``rope``, ``coca_slack`` and ``coca_strict`` from scratch with identical settings,
 evaluates perplexity and passkey retrieval at 1×–16× the training length with and without
 dynamic NTK, probes the trained models' anomalous fractions, and writes ``DIR/results.json``.
-Re-running the same command resumes an interrupted or time-limited run. The figures land in
+Re-running the same command resumes an interrupted or time-limited run; files in DIR
+that are not the run's own are left alone. The figures land in
 ``DIR/figures``; ``python -m anomaly.ablation.plots DIR/results.json --out figures``
 regenerates them from the results alone.
 """
@@ -17,11 +18,16 @@ from typing import Sequence
 
 from anomaly.ablation.config import PRESETS, VARIANTS, get_preset
 from anomaly.ablation.run import run
-from anomaly.cli import UserError, run_main
+from anomaly.cli import ArgumentParser, UserError, run_main
+from anomaly.models import resolve_device
+from anomaly.outputs import claim
+
+OWNER = "anomaly.ablation"
+"""Owner of a run folder's entries in its manifest (see :mod:`anomaly.outputs`)."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m anomaly.ablation", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m anomaly.ablation", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", required=True, help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--out", required=True, type=Path, help="output directory (resumable)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="subset of the variants to run")
@@ -36,6 +42,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    from anomaly.plotting.style import use_file_backend
+
+    use_file_backend()
     config = get_preset(args.preset)
     if args.steps is not None:
         if args.steps < 1:
@@ -46,10 +55,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise UserError(f"--max-minutes must be positive, got {args.max_minutes}")
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out} exists and is not a directory; choose a directory")
+    # Before anything is written: a refused device must leave no config.json behind.
+    device = resolve_device(args.device)
+    if config.preset == "gpu" and device.type == "cpu" and args.device != "cpu":
+        raise UserError("--preset gpu would train for many hours on a CPU (no CUDA GPU is visible); "
+                        "pass --device cpu to run it anyway, or use --preset cpu")
+    # The run folder's top-level entries; anything else in --out is left alone.
+    names = ["config.json", "cache", "results.json", "figures", *args.variants]
+    claim(args.out, OWNER, names).adopt()
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
-    results = run(config, args.out, variants=args.variants, device=args.device, deadline=deadline,
+    results = run(config, args.out, variants=args.variants, device=str(device), deadline=deadline,
                   probe=not args.no_probe, figures=not args.no_figures, log=lambda s: print(s, flush=True))
     return 0 if results is not None else 3
 

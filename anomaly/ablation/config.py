@@ -56,7 +56,7 @@ class DataConfig:
     (the paper trained on 75% text, 25% code)."""
     passkey_share: float = 0.25
     """Share of training sequences that are passkey-retrieval prompts with their answer, at
-    the training length (SPEC §6 format). A small model learns retrieval only if it has seen
+    the training length (docs/conventions.md §6 format). A small model learns retrieval only if it has seen
     the format; the share is the same for all variants."""
     held_out_fraction: float = 0.15
     """Fraction of files (plays, stdlib modules) held out for evaluation, split by file

@@ -1,4 +1,4 @@
-"""The passkey-retrieval task (SPEC §6, after Mohtashami & Jaggi 2023).
+"""The passkey-retrieval task (docs/conventions.md §6, after Mohtashami & Jaggi 2023).
 
 A fixed filler passage is repeated to reach the target length; one sentence stating a
 random 5-digit passkey (10000–99999) is inserted at a random depth; a question asking for

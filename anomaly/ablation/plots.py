@@ -25,9 +25,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
-from anomaly.cli import UserError, run_main
+from anomaly.cli import ArgumentParser, UserError, run_main
 from anomaly.io import Provenance
-from anomaly.plotting.style import CYCLE, DIVERGING_CMAP, PALETTE, apply_style, save_figure
+from anomaly.outputs import OutputDir, claim
+from anomaly.plotting.style import CYCLE, DIVERGING_CMAP, PALETTE, apply_style, save_figure, use_file_backend
 
 VARIANT_STYLE: dict[str, dict[str, Any]] = {
     "rope": {"label": "RoPE", "color": PALETTE["vermillion"], "marker": "o"},
@@ -37,7 +38,7 @@ VARIANT_STYLE: dict[str, dict[str, Any]] = {
 """Label, colour and marker of each variant, the same in every figure."""
 
 CHANCE = 0.5
-"""Anomalous fraction of directions drawn uniformly at random (SPEC §3): half of the
+"""Anomalous fraction of directions drawn uniformly at random (docs/conventions.md §3): half of the
 causal triples land in case (d)."""
 
 REQUIRED_KEYS = ("train_length", "eval_lengths", "ppl", "passkey")
@@ -298,8 +299,22 @@ def load_results(path: str | Path) -> dict:
     return check_results(results, str(path))
 
 
+OWNER = "anomaly.ablation.plots"
+"""Owner of these figures in an output folder's manifest (see :mod:`anomaly.outputs`)."""
+
+
+def claim_figures(out_dir: str | Path, prefix: str = "ablation") -> OutputDir:
+    """Check, before any work, that :func:`save_all`'s files may be written into ``out_dir``."""
+    names = [f"{prefix}_{name}.{ext}" for name in FIGURES for ext in ("pdf", "png", "json")]
+    return claim(out_dir, OWNER, names)
+
+
 def save_all(results: dict, out_dir: str | Path, provenance: Provenance, prefix: str = "ablation") -> list[Path]:
-    """Write every figure as ``out_dir/<prefix>_<name>.{pdf,png,json}``; returns the paths."""
+    """Write every figure as ``out_dir/<prefix>_<name>.{pdf,png,json}``; returns the paths.
+
+    Writes into ``out_dir`` as it is; commands write into the staging folder of
+    :func:`claim_figures`' target so that nobody else's files are touched.
+    """
     paths: list[Path] = []
     for name, make in FIGURES.items():
         fig = make(results)
@@ -334,7 +349,7 @@ def markdown_table(results: dict, key: str = "ppl") -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m anomaly.ablation.plots",
+    p = ArgumentParser(prog="python -m anomaly.ablation.plots",
                                 description="Regenerate the figures of an ablation run from its results.json.")
     p.add_argument("results", type=Path, help="a results.json, or the --out directory of an ablation run")
     p.add_argument("--out", type=Path, default=Path("figures"), help="figure directory (default: figures)")
@@ -344,13 +359,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    use_file_backend()
+    if not args.prefix or "/" in args.prefix or args.prefix.startswith("."):
+        raise UserError(f"--prefix {args.prefix!r} must be a plain, visible file-name prefix, e.g. --prefix ablation")
     results = load_results(args.results)
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out} exists and is not a directory")
+    target = claim_figures(args.out, args.prefix)
     config = results.get("config") or {}
     prov = Provenance.from_argv(model=f"ablation/{config.get('preset', '?')}", seed=config.get("model_seed"),
                                 extra={"results": str(args.results), "results_provenance": results.get("provenance")})
-    for path in save_all(results, args.out, prov, args.prefix):
+    with target.writing() as tmp:
+        save_all(results, tmp, prov, args.prefix)
+    for path in target.written:
         if path.suffix == ".pdf":
             print(path)
     return 0

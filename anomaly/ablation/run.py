@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from anomaly.ablation.config import COCA_VARIANT, VARIANTS, AblationConfig, config_from_dict
+from anomaly.ablation.config import VARIANTS, AblationConfig, config_from_dict
 from anomaly.ablation.data import AblationData, build_data
 from anomaly.ablation.evaluate import ScalingResult, evaluate_scaling
 from anomaly.ablation.geometry import anomalous_fractions, slack_spread
@@ -46,7 +46,7 @@ def check_config(out: Path, config: AblationConfig) -> None:
                 "use another --out directory or delete this one"
             )
     else:
-        write_json(path, config.to_dict())
+        write_json(path, config.to_dict(), digits=None)  # compared exactly on resume
 
 
 def _load_json(path: Path) -> dict | None:
@@ -74,9 +74,13 @@ def run(
         ``deadline`` (a ``time.monotonic()`` value) stopped it first.
     """
     started = time.perf_counter()
+    dev = resolve_device(device)  # before anything is written
+    if figures:  # checked now, not after hours of training
+        from anomaly.ablation.plots import claim_figures, save_all
+
+        figures_out = claim_figures(out / "figures")
     out.mkdir(parents=True, exist_ok=True)
     check_config(out, config)
-    dev = resolve_device(device)
     log(f"preparing data ({config.preset} preset) …")
     data = build_data(config, out / "cache")
     log(f"  {data.train.shape[0]} training sequences of {config.data.train_length} tokens; "
@@ -92,11 +96,10 @@ def run(
     write_json(out / "results.json", results)
     log(f"wrote {out / 'results.json'}")
     if figures:
-        from anomaly.ablation.plots import save_all
-
         prov = Provenance.from_argv(model=f"ablation/{config.preset}", seed=config.model_seed,
                                     extra={"results": str(out / "results.json")})
-        paths = save_all(json.loads((out / "results.json").read_text()), out / "figures", prov)
+        with figures_out.writing() as tmp:
+            paths = save_all(json.loads((out / "results.json").read_text()), tmp, prov)
         log(f"wrote {len(paths) // 3} figures to {out / 'figures'}")
     return results
 
@@ -144,7 +147,7 @@ def run_variant(
         name = sorted(data.held_out)[0]
         ids = data.held_out[name][:tokens][None].to(device)  # [1, tokens]
         start = time.perf_counter()
-        geometry = anomalous_fractions(model, ids, COCA_VARIANT[variant])
+        geometry = anomalous_fractions(model, ids, variant)
         geometry.update(text=name, seconds=time.perf_counter() - start)
         write_json(vdir / "geometry.json", geometry)
         log(f"[{variant}] anomalous fraction {geometry['mean']:.3f} (weighted {geometry['weighted_mean']:.3f})")

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from anomaly.ablation.config import COCA_VARIANT, AblationConfig
 from anomaly.ablation.data import EOS
+from anomaly.coca import to_coca
 from anomaly.errors import UserError
 from anomaly.io import atomic_dir
 
@@ -74,20 +75,8 @@ def build_model(config: AblationConfig, variant: str):
     model = LlamaForCausalLM(hf_config)
     coca = COCA_VARIANT[variant]
     if coca is not None:
-        model = _to_coca()(model, coca)
+        model = to_coca(model, coca)
     return model.train()
-
-
-def _to_coca():
-    """``anomaly.coca.to_coca``, imported when first needed."""
-    try:
-        from anomaly.coca import to_coca
-    except (ImportError, AttributeError) as exc:
-        raise UserError(
-            f"the CoCA variants need anomaly.coca.to_coca, which cannot be imported ({exc}); "
-            "run with --variants rope until it is available"
-        ) from None
-    return to_coca
 
 
 def learning_rate(config: AblationConfig, step: int) -> float:

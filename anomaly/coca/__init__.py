@@ -1,4 +1,4 @@
-"""Collinear Constrained Attention (CoCA, Zhu et al. 2024; SPEC §5).
+"""Collinear Constrained Attention (CoCA, Zhu et al. 2024; docs/conventions.md §5).
 
 * :mod:`anomaly.coca.attention` — the maths as fused attention: :func:`coca_attention`,
   the per-token transforms (:func:`coca_qk`, :func:`transform_query`,

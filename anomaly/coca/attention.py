@@ -1,4 +1,4 @@
-"""Collinear Constrained Attention as fused attention (SPEC §5).
+"""Collinear Constrained Attention as fused attention (docs/conventions.md §5).
 
 Both CoCA variants are ordinary dot products of per-token vectors, so they run through
 PyTorch's fused ``scaled_dot_product_attention`` (FlashAttention on a GPU) with O(N·d)

@@ -1,4 +1,4 @@
-"""CoCA's effective geometry on real weights (SPEC §5).
+"""CoCA's effective geometry on real weights (docs/conventions.md §5).
 
 Two measurements on the query and T contents a model actually produces:
 
@@ -24,18 +24,18 @@ CoCA would start from when dropped into that model, not that of a trained CoCA m
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from anomaly import analytic
 from anomaly.coca.attention import coca_qk
+from anomaly.errors import UserError
 from anomaly.rope import Layout
 
 
@@ -94,14 +94,17 @@ class LayerGeometry:
 
 def measure(
     model, input_ids: Tensor, *, distances: Sequence[int], positions: Tensor, pairs: int = 64,
-    seed: int = 0,
+    seed: int = 0, progress: Callable[[int], None] | None = None,
 ) -> list[LayerGeometry]:
     """Slack geometry of every layer of ``model`` on ``input_ids [1, seq]``.
 
     The contents are read with :func:`anomaly.probe.capture`, so the frequencies are the
-    ones each layer actually uses (rope scaling included). In a CoCA model the captured key
-    is the raw T output; in an unconverted model ``k_proj`` stands in for T.
+    ones each layer actually uses (rope scaling included); each layer is measured by
+    :func:`measure_layer` (a CoCA model's raw T output, or ``k_proj`` standing in for T).
+    ``progress(layer)`` is called after each layer is measured.
     """
+    if pairs < 1 or len(positions) == 0:
+        raise ValueError("measure needs at least one content pair and one position")
     from anomaly.probe.activations import capture
 
     seq = input_ids.shape[-1]
@@ -109,26 +112,40 @@ def measure(
         raise ValueError(f"distance {max(distances)} needs more than {seq} tokens of contents")
     cap = capture(model, input_ids)
     if cap.rotary_dim != cap.head_dim:
-        raise ValueError("CoCA rotates the whole head; this model uses partial rotary")
+        raise UserError("CoCA rotates the whole head and this model uses partial rotary "
+                        f"({cap.rotary_dim} of {cap.head_dim} dims); pick a model that rotates whole heads")
     g = torch.Generator().manual_seed(seed)
     results = []
     for layer in cap.layers:
-        q, t = layer.q.double().cpu(), layer.k.double().cpu()  # [heads, seq, d], [kv, seq, d]
-        freqs = layer.inv_freq.double().cpu()
-        t = t.repeat_interleave(q.shape[0] // t.shape[0], dim=0)  # [heads, seq, d]
-        seq = q.shape[1]
-        spread = {}
-        for s in distances:
-            i = torch.randint(s, seq, (pairs,), generator=g)  # query tokens
-            j = i - s  # their keys' tokens
-            rs = slack_relative_spread(q[:, i], t[:, j], freqs, distance=s, positions=positions,
-                                       layout=cap.layout)
-            spread[s] = [rs.median().item(), rs.quantile(0.9).item()]
-        tokens = torch.randint(0, seq, (min(pairs, seq),), generator=g)
-        case_d = slack_case_d_fraction(q[:, tokens], freqs, positions[:: max(1, len(positions) // 16)],
-                                       layout=cap.layout)
-        results.append(LayerGeometry(layer.index, spread, case_d.tolist()))
+        results.append(measure_layer(layer, distances=distances, positions=positions, pairs=pairs, generator=g))
+        if progress is not None:
+            progress(layer.index)
     return results
+
+
+def measure_layer(
+    layer, *, distances: Sequence[int], positions: Tensor, pairs: int, generator: torch.Generator
+) -> LayerGeometry:
+    """Slack geometry of one captured layer (:class:`anomaly.probe.LayerCapture`).
+
+    Reads the raw query and T projections ``layer.q``/``layer.k`` (in an unconverted model
+    ``k_proj`` stands in for T). ``pairs`` random (query, key) content pairs per distance,
+    drawn from ``generator``.
+    """
+    q, t = layer.q.double().cpu(), layer.k.double().cpu()  # [heads, seq, d], [kv, seq, d]
+    freqs = layer.inv_freq.double().cpu()
+    t = t.repeat_interleave(q.shape[0] // t.shape[0], dim=0)  # [heads, seq, d]
+    seq = q.shape[1]
+    spread = {}
+    for s in distances:
+        i = torch.randint(s, seq, (pairs,), generator=generator)  # query tokens
+        j = i - s  # their keys' tokens
+        rs = slack_relative_spread(q[:, i], t[:, j], freqs, distance=s, positions=positions, layout=layer.layout)
+        spread[s] = [rs.median().item(), rs.quantile(0.9).item()]
+    tokens = torch.randint(0, seq, (min(pairs, seq),), generator=generator)
+    case_d = slack_case_d_fraction(q[:, tokens], freqs, positions[:: max(1, len(positions) // 16)],
+                                   layout=layer.layout)
+    return LayerGeometry(layer.index, spread, case_d.tolist())
 
 
 def summarise(layers: list[LayerGeometry]) -> dict:
@@ -143,34 +160,72 @@ def summarise(layers: list[LayerGeometry]) -> dict:
     }
 
 
+OWNER = "anomaly.coca.geometry"
+"""Owner of ``--json`` files in their folder's manifest (see :mod:`anomaly.outputs`)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int | None:
-    from anomaly.errors import UserError
+    from anomaly import model_surgery
+    from anomaly.cli import ArgumentParser, transformers_bars
     from anomaly.corpus import default_document
     from anomaly.io import write_json
+    from anomaly.models import BUNDLED, load_config, load_model, load_tokenizer
+    from anomaly.outputs import claim_file
 
-    ap = argparse.ArgumentParser(prog="python -m anomaly.coca.geometry", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m anomaly.coca.geometry", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="HF folder, .gguf file or CoCA checkpoint (default: bundled SmolLM2)")
     ap.add_argument("--tokens", type=int, default=512, help="tokens of Hamlet whose contents are used")
     ap.add_argument("--distances", type=int, nargs="+", default=[1, 16, 256])
     ap.add_argument("--positions", type=int, default=4096, help="absolute key positions 0..N (step 16)")
     ap.add_argument("--pairs", type=int, default=64, help="content pairs per layer and distance")
     ap.add_argument("--json", type=Path, help="write the per-layer results here")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars (ours and transformers' weight loading)")
     args = ap.parse_args(argv)
+    # Every check that needs no weights comes first: loading and measuring take minutes.
+    if args.tokens < 2:
+        raise UserError(f"--tokens must be at least 2, got {args.tokens}")
+    if args.pairs < 1:
+        raise UserError(f"--pairs must be at least 1, got {args.pairs}")
+    if args.positions < 1:
+        raise UserError(f"--positions must be at least 1 (key positions 0..N in steps of 16), got {args.positions}")
     if min(args.distances) < 1 or max(args.distances) >= args.tokens:
         raise UserError("every --distances value must be at least 1 and below --tokens "
                         f"({args.tokens}); raise --tokens or drop the long distances")
-    from anomaly.models import BUNDLED, load_model
-
-    loaded = load_model(args.model or BUNDLED, "cpu", "float32")
-    model, tok, name = loaded.model, loaded.tokenizer, loaded.name
+    target = claim_file(args.json, OWNER, flag="--json") if args.json else None
+    name = args.model or BUNDLED
+    config = load_config(name)
+    if not model_surgery.has_rope(config):
+        raise UserError(f"{name} ({config.model_type}) has no rotary position embedding (RoPE); "
+                        "CoCA's geometry is measured on a RoPE model's contents, pick a RoPE model")
+    max_pos = model_surgery.max_positions_of(config)
+    if max_pos and args.tokens > max_pos:
+        raise UserError(f"--tokens {args.tokens} exceeds the model's {max_pos} positions; "
+                        f"use --tokens {max_pos} or fewer")
+    with transformers_bars(enabled=not args.quiet):
+        tok = load_tokenizer(name)
+        text = default_document()
+        ids = tok(text.read()[: 20 * args.tokens], return_tensors="pt").input_ids[:, : args.tokens]
+        if ids.shape[1] < args.tokens:
+            raise UserError(f"--tokens {args.tokens} exceeds the {ids.shape[1]} tokens of {text.name}; "
+                            f"use --tokens {ids.shape[1]} or fewer")
+        model = load_model(name, "cpu", "float32", tokenizer=tok).model
     variant = getattr(model.config, "coca_variant", None)
     if variant is not None:  # a CoCA checkpoint saved with save_pretrained
         from anomaly.coca.hf import to_coca
 
         to_coca(model, variant)
-    ids = tok(default_document().read()[: 20 * args.tokens], return_tensors="pt").input_ids[:, : args.tokens]
     positions = torch.arange(0, args.positions, 16)
-    layers = measure(model, ids, distances=args.distances, positions=positions, pairs=args.pairs)
+    bar = None
+    if not args.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=model_surgery.text_config(config).num_hidden_layers, desc="layers", unit="layer")
+    try:
+        layers = measure(model, ids, distances=args.distances, positions=positions, pairs=args.pairs,
+                         progress=(lambda _: bar.update(1)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
     source = f"trained CoCA ({variant})" if variant else "unconverted: k_proj stands in for T"
     print(f"Slack CoCA geometry of {name} ({source}), {ids.shape[1]} tokens of Hamlet")
     print("| layer | " + " | ".join(f"spread/|rel| @ s={s} (median, p90)" for s in args.distances) + " | case-(d) share |")
@@ -183,9 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     print(f"median over layers of the per-layer median spread/|relative|: "
           + ", ".join(f"s={s}: {v:.2f}" for s, v in overall.items())
           + f"; mean slack case-(d) share: {case_d:.3f} (strict: 0)")
-    if args.json:
-        write_json(args.json, {"model": name, "tokens": ids.shape[1], "distances": args.distances,
-                               "layers": layers, **summary})
+    if target is not None:
+        with target.writing() as tmp:
+            write_json(tmp / args.json.name, {"model": name, "tokens": ids.shape[1], "distances": args.distances,
+                                             "layers": layers, **summary})
+        print(f"wrote {args.json}")
     return None
 
 

@@ -124,7 +124,6 @@ _COCA_CLASSES: dict[type, type] = {
     modeling_mistral.MistralAttention: CocaMistralAttention,
     modeling_qwen2.Qwen2Attention: CocaQwen2Attention,
 }
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 # --------------------------------------------------------------------------------------
 
@@ -145,7 +144,7 @@ def to_coca(model: PreTrainedModel, variant: Variant) -> PreTrainedModel:
     """Convert a loaded HF LLaMA-like causal LM to CoCA, in place, and return it.
 
     Every attention layer's ``k_proj`` becomes the T projection (same parameter, same
-    name), and its scores become CoCA's (SPEC §5). Weights are untouched: a pretrained
+    name), and its scores become CoCA's (docs/conventions.md §5). Weights are untouched: a pretrained
     model needs fine-tuning (:func:`finetune_stage`) to work well as CoCA. Converting an
     already converted model switches its variant.
 
@@ -212,7 +211,7 @@ def set_rope_parameters(model: PreTrainedModel, rope_parameters: dict[str, Any])
     return model
 
 
-# The paper's recipe for turning a pretrained LLaMA into CoCA (SPEC §6): K (now T) only,
+# The paper's recipe for turning a pretrained LLaMA into CoCA (docs/conventions.md §6): K (now T) only,
 # then Q/K/V, then everything.
 FINETUNE_STAGES: dict[int, tuple[str, ...] | None] = {
     1: ("k_proj",),

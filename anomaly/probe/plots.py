@@ -1,5 +1,5 @@
-"""Figures of a probe summary. Each function maps the summary dict to a Figure; saving is
-:func:`anomaly.plotting.style.save_figure`'s job (:func:`save_all`)."""
+"""Figures of a probe result. Each function maps a :class:`anomaly.probe.ProbeResult` to a
+Figure; saving is :func:`anomaly.plotting.style.save_figure`'s job (:func:`save_all`)."""
 
 from __future__ import annotations
 
@@ -11,23 +11,27 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from anomaly.io import Provenance
+from anomaly.probe.result import ProbeResult
 from anomaly.plotting.style import CYCLE, DIVERGING_CMAP, PALETTE, SEQUENTIAL_CMAP, apply_style, save_figure
 
 
-def chosen_heads(summary: dict, count: int = 3) -> list[tuple[int, int]]:
+_KIND = {"rope": "", "coca_strict": " (CoCA strict, effective angles)", "coca_slack": " (CoCA slack, effective angles)"}
+
+
+def chosen_heads(result: ProbeResult, count: int = 3) -> list[tuple[int, int]]:
     """(layer, head) with the highest, median and lowest weighted anomalous fraction."""
-    w = np.asarray(summary["weighted_anomalous_fraction"])
+    w = result.weighted_anomalous_fraction
     order = np.argsort(w, axis=None)
     picks = [order[-1], order[len(order) // 2], order[0]][:count]
     return [tuple(int(i) for i in np.unravel_index(p, w.shape)) for p in picks]
 
 
-def fraction_heatmap(summary: dict) -> Figure:
+def fraction_heatmap(result: ProbeResult) -> Figure:
     """Anomalous fraction (unweighted, weighted) over layers × heads, centred on chance."""
     apply_style()
     fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.4), sharey=True, constrained_layout=True)
-    chance = summary["chance_fraction"]
-    data = [np.asarray(summary["anomalous_fraction"]), np.asarray(summary["weighted_anomalous_fraction"])]
+    chance = result.chance_fraction
+    data = [result.anomalous_fraction, result.weighted_anomalous_fraction]
     span = max(0.05, max(float(np.abs(d - chance).max()) for d in data))
     for ax, d, title in zip(axes, data, ("unweighted", "weighted by |q_j||k_j|")):
         im = ax.imshow(d, aspect="auto", cmap=DIVERGING_CMAP, vmin=chance - span, vmax=chance + span,
@@ -38,19 +42,19 @@ def fraction_heatmap(summary: dict) -> Figure:
     axes[0].set_ylabel("layer")
     cb = fig.colorbar(im, ax=axes, shrink=0.9)
     cb.set_label(f"fraction of causal triples in case (d) (chance = {chance})")
-    fig.suptitle(f"{summary['model']}: {summary['tokens']} tokens", fontsize=9)
+    fig.suptitle(f"{result.model}{_KIND[result.kind]}: {result.tokens} tokens", fontsize=9)
     return fig
 
 
-def angle_histograms(summary: dict, heads: list[tuple[int, int]] | None = None) -> Figure:
+def angle_histograms(result: ProbeResult, heads: list[tuple[int, int]] | None = None) -> Figure:
     """Θ density per slice (rows) for chosen heads; case (d) lies right of the line at π."""
     apply_style()
-    heads = heads or chosen_heads(summary)
-    hist = np.asarray(summary["arrays"]["theta_hist"], dtype=float)  # [L, H, J, B]
+    heads = heads or chosen_heads(result)
+    hist = result.theta_hist.astype(float)  # [L, H, J, B]
     bins = hist.shape[-1]
     fig, axes = plt.subplots(1, len(heads), figsize=(2.8 * len(heads), 3.4), sharey=True, constrained_layout=True)
     axes = np.atleast_1d(axes)
-    crit = summary["critical_slice"]
+    crit = result.critical_slice
     for ax, (l, h) in zip(axes, heads):
         dens = hist[l, h] / np.maximum(hist[l, h].sum(-1, keepdims=True), 1) * bins / (2 * math.pi)
         im = ax.imshow(dens, aspect="auto", origin="lower", cmap=SEQUENTIAL_CMAP,
@@ -58,7 +62,7 @@ def angle_histograms(summary: dict, heads: list[tuple[int, int]] | None = None) 
         ax.axvline(math.pi, color=PALETTE["vermillion"], lw=1)
         if crit < dens.shape[0]:
             ax.axhline(crit - 0.5, color=PALETTE["orange"], lw=1, ls="--")
-        w = summary["weighted_anomalous_fraction"][l][h]
+        w = result.weighted_anomalous_fraction[l, h]
         ax.set_title(f"layer {l}, head {h}\nweighted case-(d) share {w:.2f}")
         ax.set_xlabel("initial angle Θ (rad)")
         ax.set_xticks([0, math.pi, 2 * math.pi], ["0", "π", "2π"])
@@ -68,20 +72,20 @@ def angle_histograms(summary: dict, heads: list[tuple[int, int]] | None = None) 
     return fig
 
 
-def tau_distribution(summary: dict) -> Figure:
+def tau_distribution(result: ProbeResult) -> Figure:
     """τ (at each head's mean angle) per slice over all heads, with the probed length and
     the critical slice of Liu et al."""
     apply_style()
-    tau = np.asarray(summary["arrays"]["tau"])  # [L, H, J]
+    tau = result.tau  # [L, H, J]
     L, H, J = tau.shape
     fig, ax = plt.subplots(figsize=(5.0, 3.2), constrained_layout=True)
     jj = np.broadcast_to(np.arange(J), tau.shape)
     pos = tau > 0
     jitter = (np.random.default_rng(0).random(tau.shape) - 0.5) * 0.6
     ax.scatter((jj + jitter)[pos], tau[pos], s=3, alpha=0.35, color=CYCLE[0], lw=0, label="head × layer (case d)")
-    ax.axhline(summary["tokens"], color=PALETTE["vermillion"], lw=1, label=f"probed length T = {summary['tokens']}")
-    ax.axvline(summary["critical_slice"] - 0.5, color=PALETTE["orange"], ls="--", lw=1,
-               label=f"critical slice (Liu et al.), train length {summary['train_length']}")
+    ax.axhline(result.tokens, color=PALETTE["vermillion"], lw=1, label=f"probed length T = {result.tokens}")
+    ax.axvline(result.critical_slice - 0.5, color=PALETTE["orange"], ls="--", lw=1,
+               label=f"critical slice (Liu et al.), train length {result.train_length}")
     ax.set_yscale("log")
     ax.set_xlabel("slice j")
     ax.set_ylabel("τ = (2π − Θ̄_j)/θ_j (tokens)")
@@ -91,33 +95,33 @@ def tau_distribution(summary: dict) -> Figure:
     return fig
 
 
-def logit_curves(summary: dict, heads: list[tuple[int, int]] | None = None) -> Figure:
+def logit_curves(result: ProbeResult, heads: list[tuple[int, int]] | None = None) -> Figure:
     """Mean real attention logit versus distance for chosen heads."""
     apply_style()
-    heads = heads or chosen_heads(summary)
-    ml = np.asarray(summary["arrays"]["mean_logit"])  # [L, H, T]
+    heads = heads or chosen_heads(result)
+    ml = result.mean_logit  # [L, H, T]
     t = ml.shape[-1]
     s = np.arange(1, t)
     fig, ax = plt.subplots(figsize=(5.0, 3.2), constrained_layout=True)
     for (l, h), c in zip(heads, CYCLE):
-        peak = summary["logit_peak_distance"][l][h]
+        peak = int(result.logit_peak_distance[l, h])
         ax.plot(s, ml[l, h, 1:], color=c, label=f"layer {l}, head {h} (peak at {peak})")
         ax.plot([peak], [ml[l, h, peak]], "o", color=c, ms=4)
-    ax.axvline(summary["logit_peak_window"], color="0.6", lw=0.8, ls=":")
+    ax.axvline(result.logit_peak_window, color="0.6", lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set_xlabel("distance m − n (tokens)")
     ax.set_ylabel("mean pre-softmax logit")
-    away = np.asarray(summary["peaks_away_from_nearest_key"])
+    away = result.peaks_away_from_nearest_key
     ax.set_title(f"{away.sum()} of {away.size} heads peak away from the nearest key")
     ax.legend(frameon=False)
     return fig
 
 
-def slice_norms(summary: dict) -> Figure:
+def slice_norms(result: ProbeResult) -> Figure:
     """Mean |q_j| and |k_j| per slice, heads of all layers stacked (Barbero et al.'s view)."""
     apply_style()
-    qn = np.asarray(summary["arrays"]["q_norm"])  # [L, H, J]
-    kn = np.asarray(summary["arrays"]["k_norm"])  # [L, KV, J]
+    qn = result.q_norm  # [L, H, J]
+    kn = result.k_norm  # [L, KV, J]
     fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.4), constrained_layout=True)
     for ax, n, name in zip(axes, (qn, kn), ("query", "key")):
         im = ax.imshow(n.reshape(-1, n.shape[-1]), aspect="auto", origin="lower", cmap=SEQUENTIAL_CMAP,
@@ -139,11 +143,11 @@ FIGURES = {
 }
 
 
-def save_all(summary: dict, out_dir: str | Path, provenance: Provenance, prefix: str = "probe_") -> list[Path]:
+def save_all(result: ProbeResult, out_dir: str | Path, provenance: Provenance, prefix: str = "probe_") -> list[Path]:
     """Write every probe figure as ``out_dir/<prefix><name>.{pdf,png,json}``."""
     paths = []
     for name, make in FIGURES.items():
-        fig = make(summary)
+        fig = make(result)
         paths += save_figure(fig, Path(out_dir) / f"{prefix}{name}", provenance)
         plt.close(fig)
     return paths

@@ -1,43 +1,45 @@
 """Pair statistics of the initial angle over all causal (query, key) pairs, without pairs.
 
-For one slice ``j`` of one head, the initial angle of the pair (query ``m``, key ``n``) is
-``Θ_j(m, n) = (a_m − b_n) mod 2π`` with per-token phases ``a_m = arg q_{m,j}`` and
-``b_n = arg k_{n,j}`` of the **pre-RoPE** vectors (SPEC §2): RoPE adds ``(m − n)θ_j`` to
-it, which is what makes it the *initial* angle. A causal pair (``m > n``) is in case (d)
-when ``Θ_j ∈ (π, 2π)`` (SPEC §3).
+One entry point, :func:`pair_statistics`: a layer's pre-rotation query and key contents in
+(``q [heads, seq, d_rot]``, ``k [kv_heads, seq, d_rot]``, their layout), per head and
+slice out (:class:`PairStats`). For slice ``j`` the initial angle of the pair (query ``m``,
+key ``n``) is ``Θ_j(m, n) = (a_m − b_n) mod 2π`` with per-token phases ``a_m = arg q_{m,j}``
+and ``b_n = arg k_{n,j}`` (docs/conventions.md §2): RoPE adds ``(m − n)θ_j`` to it. A
+causal pair (``m > n``) is in case (d) when ``Θ_j ∈ (π, 2π)`` (docs/conventions.md §3).
 
-Counting all ``T(T−1)/2`` pairs by broadcasting costs ``O(T²)`` per slice. Here (SPEC §3's
-counting tip) everything is built from per-token phases:
+**Zero-angle tolerance.** ``zero_angle_tol`` reads every ``Θ`` within ``tol`` of 0
+(mod 2π, inclusive) as exactly 0, so case (d) becomes ``Θ_j ∈ (π, 2π − tol)``. Contents
+computed by rotating back an exact angle of 0 (strict CoCA's, see
+:func:`anomaly.coca.coca_qk` with ``rotated=False``) come back as ``±1e-16`` rad, and
+``−1e-16`` would otherwise count as case (d). The default 0 is the exact definition.
 
-* **Exact case-(d) counts** (and their ``|q_j||k_j|`` weights). ``Θ ∈ (π, 2π)`` is
-  ``b_n ∈ (a_m, a_m + π)`` for ``a_m < π`` and ``b_n ∉ [a_m − π, a_m]`` for ``a_m ≥ π``: an
-  arc of the circle. With the keys sorted by phase (rank ``r_n``), ``[b_n < x]`` is
-  ``[r_n < F(x)]`` with ``F(x) = #{b < x}`` (``searchsorted``), so a query's count is
-  ``P(m, F(upper)) − P(m, F_≤(a)) (+ #{valid n < m} when the arc wraps)`` with the
-  dominance count ``P(m, f) = #{n < m : r_n < f}``. ``P`` is split on a grid of time
-  blocks (``s_t`` tokens) × rank blocks (``s_r`` ranks): keys in earlier time blocks *and*
-  earlier rank blocks come from a 2-D prefix table of cell counts
-  (``[T/s_t, T/s_r]``), keys of the query's own rank block from the at most ``s_r``
-  keys of that block, keys of the query's own time block from the at most ``s_t`` keys
-  of that block, compared by rank. No binning is involved, so the count equals the
-  brute-force count over all pairs exactly, and the weighted sum is the same sum with
-  ``|k_{n,j}|`` in place of 1. Cost ``O(T²/(s_t s_r) + R·T·(s_t + s_r))`` per slice.
-* **Θ histograms.** Phases are binned into ``bins`` equal bins and a pair goes to bin
-  ``(bin(a_m) − bin(b_n)) mod bins``, which is within one bin of the bin of its exact Θ.
-  Built from per-block phase histograms and their prefix sums (one small matmul per
-  slice) plus the in-block pairs: ``O(T·bins²/s + T·s)`` per slice.
-* **Mean slice product** ``Σ_{n<m} q_{m,j} k̄_{n,j} = Σ_m q_{m,j} Σ_{n<m} k̄_{n,j}``: prefix
-  sums, exact. Its angle is the magnitude-weighted circular mean of Θ; it is the slice's
-  average contribution to the score before rotation.
+Counting all ``T(T−1)/2`` pairs by broadcasting costs ``O(T²)`` per slice. Everything
+here is built from per-token phases instead. ``Θ ∈ (π, 2π − tol)`` is
+``b_n ∈ (a_m + tol, a_m + π)`` on the circle, an arc: with the keys sorted by phase a
+query's count is a difference of two dominance counts
+``#{n < m : b_n < x}`` at the arc's two ends (plus every earlier key when the arc wraps
+through 0), and its ``Σ |k_n|`` the same sums with weights. Two implementations compute
+them, exactly, with the same thresholds, and the tests check both against a brute-force
+float64 loop (``tests/reference.py``):
 
-On the CPU the probe computes all of this in one compiled pass per group instead
-(:mod:`anomaly.probe.sweep`: a Fenwick tree over phase ranks, swept in time order), which
-is exact too and several times faster; the vectorised form here serves GPUs, and each
-checks the other in the tests.
+* ``"sweep"`` (the CPU default): one compiled pass over time per group with a Fenwick
+  tree over phase ranks (:mod:`anomaly.probe.sweep`), ``O(T·R·(log T + bins))``;
+* ``"blocks"`` (the GPU default, where a sequential sweep does not fit): the dominance
+  counts split on a grid of time blocks × rank blocks (a 2-D prefix table of cell counts
+  plus the keys of the threshold's own rank block and of the query's own time block),
+  all vectorised, ``O(T²/(s_t s_r) + R·T·(s_t + s_r))`` per slice and nothing of size
+  ``T²``.
 
-All functions take phases and magnitudes already grouped for grouped-query attention:
-``G`` groups (key head × slice), ``R`` query heads sharing each key head. Memory is
-``O(G·R·T·max(s_t, s_r) + G·T²/(s_t s_r))``: nothing of size ``T²`` per slice.
+Alongside the counts:
+
+* **Θ histograms**: phases binned into ``bins`` equal bins, a pair goes to bin
+  ``(bin(a_m) − bin(b_n)) mod bins``, within one bin of the bin of its exact Θ (the
+  tolerance is not applied: it moves a pair by less than a bin);
+* **mean slice product** ``Σ_{n<m} q_{m,j} k̄_{n,j} = Σ_m q_{m,j} Σ_{n<m} k̄_{n,j}`` by
+  prefix sums, exact: its angle is the magnitude-weighted circular mean of Θ.
+
+A zero query or key slice has Θ = 0 (never case (d)), as
+:func:`anomaly.analytic.initial_angle` has it.
 """
 
 from __future__ import annotations
@@ -48,42 +50,152 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from anomaly.rope import Layout, check_layout, slice_members
+
 TWO_PI = 2 * math.pi
+METHODS = ("sweep", "blocks")
 
 
-def phases(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Phase in ``[0, 2π)`` and magnitude of complex slices (float64).
+@dataclass
+class PairStats:
+    """Statistics of one layer over causal pairs (``m > n``), per query head and slice."""
 
-    The phase of an exactly-zero slice is reported as 0; callers treat such tokens as
-    having initial angle 0 (as :func:`anomaly.analytic.initial_angle` does).
+    count_d: Tensor
+    """``[H, J]`` int64: causal pairs in case (d)."""
+    weight_d: Tensor
+    """``[H, J]`` float64: ``Σ |q_{m,j}||k_{n,j}|`` over those pairs."""
+    weight_all: Tensor
+    """``[H, J]`` float64: ``Σ |q_{m,j}||k_{n,j}|`` over all causal pairs."""
+    hist: Tensor
+    """``[H, J, bins]`` int64: causal pairs per Θ bin (binned phases, ±1 bin)."""
+    mean_product: Tensor
+    """``[H, J]`` complex128: ``Σ_{m>n} q_{m,j} k̄_{n,j}``."""
+    q_norm: Tensor
+    """``[H, J]`` float64: mean ``|q_{m,j}|`` over tokens."""
+    k_norm: Tensor
+    """``[KV, J]`` float64: mean ``|k_{n,j}|`` over tokens."""
+    pairs: int
+    """``T(T−1)/2``: causal pairs per slice."""
+
+
+def pair_statistics(
+    q: Tensor,
+    k: Tensor,
+    layout: Layout,
+    *,
+    bins: int = 64,
+    zero_angle_tol: float = 0.0,
+    method: str | None = None,
+    block: int | None = None,
+) -> PairStats:
+    """Case-(d) counts and weights, Θ histograms and mean slice products of one layer.
+
+    Args:
+        q: ``[H, T, d_rot]`` pre-rotation query contents (any float dtype, any device).
+        k: ``[KV, T, d_rot]`` key contents; query head ``h`` reads key head
+            ``h // (H / KV)`` (grouped-query attention).
+        layout: ``"half"`` or ``"interleaved"``: which dims form slice ``j``.
+        bins: Θ histogram bins over ``[0, 2π)``.
+        zero_angle_tol: radians; ``|Θ| ≤ tol`` (mod 2π) counts as 0 (module docstring).
+            In ``[0, π/2)``.
+        method: ``"sweep"`` (default on the CPU) or ``"blocks"`` (default elsewhere); both
+            exact, with identical results.
+        block: ``"blocks"`` only: time and rank block size (default balanced for ``T``);
+            any value gives the same result.
+
+    Returns:
+        :class:`PairStats` on ``q``'s device.
     """
-    re, im = z.real.double(), z.imag.double()
+    check_layout(layout)
+    h, t, d = q.shape
+    kv = k.shape[0]
+    if k.shape[1:] != (t, d) or h % kv:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share seq and d_rot, "
+                         "and the query heads must be a multiple of the key heads")
+    if not 0.0 <= zero_angle_tol < math.pi / 2:
+        raise ValueError(f"zero_angle_tol must be in [0, π/2), got {zero_angle_tol}")
+    method = method or ("sweep" if q.device.type == "cpu" else "blocks")
+    if method not in METHODS:
+        raise ValueError(f"unknown pair-statistics method {method!r}; use one of {', '.join(METHODS)}")
+    r, j = h // kv, d // 2
+    q_re, q_im = slice_members(q, layout)  # [H, T, J] each (views)
+    k_re, k_im = slice_members(k, layout)  # [KV, T, J]
+
+    # Groups G = (key head, slice), R query heads each: the layout both implementations take.
+    def queries(x: Tensor) -> Tensor:  # [H, T, J] -> [KV, R, T, J] -> [KV, J, R, T] -> [G, R, T]
+        return x.reshape(kv, r, t, j).permute(0, 3, 1, 2).reshape(kv * j, r, t)
+
+    def keys(x: Tensor) -> Tensor:  # [KV, T, J] -> [KV, J, T] -> [G, T]
+        return x.permute(0, 2, 1).reshape(kv * j, t)
+
+    def per_head(x: Tensor) -> Tensor:  # [G, R, ...] -> [KV, J, R, ...] -> [KV, R, J, ...] -> [H, J, ...]
+        x = x.reshape(kv, j, r, *x.shape[2:]).transpose(1, 2)
+        return x.reshape(h, j, *x.shape[3:])
+
+    grouped = (queries(q_re), queries(q_im), keys(k_re), keys(k_im))
+    if method == "sweep":
+        count, weight, hist, weight_all, product, q_abs, k_abs = _sweep(*grouped, bins, zero_angle_tol)
+    else:
+        count, weight, hist, weight_all, product, q_abs, k_abs = _blocks(*grouped, bins, zero_angle_tol, block)
+    pairs = t * (t - 1) // 2
+    hist[..., 0] += pairs - hist.sum(-1)  # pairs with a zero slice (left out): Θ = 0
+    return PairStats(
+        count_d=per_head(count), weight_d=per_head(weight), weight_all=per_head(weight_all),
+        hist=per_head(hist), mean_product=per_head(product), q_norm=per_head(q_abs) / t,
+        k_norm=k_abs.reshape(kv, j) / t, pairs=pairs,
+    )
+
+
+def _sweep(q_re: Tensor, q_im: Tensor, k_re: Tensor, k_im: Tensor, bins: int, tol: float) -> tuple[Tensor, ...]:
+    """The compiled one-pass form (:func:`anomaly.probe.sweep.sweep_slices`), on the CPU."""
+    from anomaly.probe.sweep import sweep_slices
+
+    device = q_re.device
+    arrays = (x.detach().cpu().contiguous().numpy() for x in (q_re, q_im, k_re, k_im))
+    count, weight, hist, weight_all, product, q_abs, k_abs = (
+        torch.from_numpy(x).to(device) for x in sweep_slices(*arrays, bins, tol)
+    )
+    return count, weight, hist, weight_all, torch.complex(product[..., 0], product[..., 1]), q_abs, k_abs
+
+
+def phases(re: Tensor, im: Tensor) -> tuple[Tensor, Tensor]:
+    """Phase in ``[0, 2π)`` and magnitude of slices with components ``re``, ``im`` (float64).
+
+    The phase of an exactly-zero slice is reported as 0 (its magnitude 0 keeps it out of
+    every count).
+    """
+    re, im = re.double(), im.double()
     a = torch.atan2(im, re)  # = angle(z.to(complex128)), bit for bit
     a = torch.where(a < 0, a + TWO_PI, a)  # = remainder(a, 2π) for a in [−π, π]
     a = torch.where(a >= TWO_PI, torch.zeros_like(a), a)
     return a, torch.hypot(re, im)
 
 
-@dataclass
-class PairStats:
-    """Statistics over causal pairs, one entry per (group, query head in group)."""
-
-    count_d: Tensor
-    """``[G, R]`` int64: causal pairs (m > n) in case (d)."""
-    weight_d: Tensor
-    """``[G, R]`` float64: ``Σ |q_j||k_j|`` over those pairs."""
-    weight_all: Tensor
-    """``[G, R]`` float64: ``Σ |q_j||k_j|`` over all causal pairs."""
-    hist: Tensor
-    """``[G, R, bins]`` int64: causal pairs per Θ bin (binned phases, ±1 bin)."""
-    mean_product: Tensor
-    """``[G, R]`` complex128: ``Σ_{m>n} q_{m,j} k̄_{n,j}``."""
-    pairs: int
-    """``T(T−1)/2``: causal pairs per slice."""
-    q_norm: Tensor | None = None
-    """``[G, R]`` float64: mean ``|q_j|`` over tokens."""
-    k_norm: Tensor | None = None
-    """``[G]`` float64: mean ``|k_j|`` over tokens."""
+def _blocks(
+    q_re: Tensor, q_im: Tensor, k_re: Tensor, k_im: Tensor, bins: int, tol: float, block: int | None
+) -> tuple[Tensor, ...]:
+    """The vectorised tensor form: ``[G, R, T]`` query and ``[G, T]`` key components in,
+    the same seven tensors as :func:`anomaly.probe.sweep.sweep_slices` out."""
+    a, wa = phases(q_re, q_im)
+    b, wb = phases(k_re, k_im)
+    g, r, t = a.shape
+    valid_a, valid_b = wa > 0, wb > 0
+    wk = torch.where(valid_b, wb, torch.zeros_like(wb))  # a zero key weighs 0
+    wcum = torch.cumsum(wk, -1) - wk  # [G, T]: Σ_{n<m} |k_n|
+    weight_all = (wa * wcum[:, None, :]).sum(-1)
+    s_t, s_r = (min(block, t), min(block, t)) if block else _block_sizes(t, r)
+    step = _group_chunk(t, r, max(s_t, s_r), a.device)
+    parts = [
+        _case_d(a[i : i + step], wa[i : i + step], b[i : i + step], wk[i : i + step], s_t, s_r, tol)
+        for i in range(0, g, step)
+    ]
+    count = torch.cat([p[0] for p in parts])
+    weight = torch.cat([p[1] for p in parts])
+    hist = _theta_hist(a, valid_a, b, valid_b, bins, min(t, 8))
+    zq, zk = torch.polar(wa, a), torch.polar(wb, b)
+    zk_prefix = torch.cumsum(zk, -1) - zk  # Σ_{n<m} k_n
+    product = (zq * zk_prefix[:, None, :].conj()).sum(-1)
+    return count, weight, hist, weight_all, product, wa.sum(-1), wb.sum(-1)
 
 
 def _block_sizes(t: int, r: int) -> tuple[int, int]:
@@ -107,106 +219,14 @@ def _small_int(n: int) -> torch.dtype:
     return torch.int16 if n < 2**15 else torch.int32
 
 
-def pair_stats(
-    a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, *, bins: int = 64, block: int | None = None,
-    method: str | None = None,
-) -> PairStats:
-    """Case-(d) counts, weights, Θ histograms and mean products over causal pairs.
-
-    Args:
-        a, wa: query phases in ``[0, 2π)`` and magnitudes, ``[G, R, T]`` float64.
-        b, wb: key phases and magnitudes, ``[G, T]`` float64.
-        bins: Θ histogram bins over ``[0, 2π)``.
-        block: ``"blocks"`` only: time and rank block size (default: balanced for ``T``
-            and ``R``, see :func:`_block_sizes`); any value gives the same result.
-        method: ``"sweep"`` (one compiled pass over time, :mod:`anomaly.probe.sweep`;
-            the default on the CPU) or ``"blocks"`` (the vectorised tensor form below; the
-            default on a GPU). Both are exact and give identical results.
-
-    Returns:
-        :class:`PairStats`. A zero query or key slice has Θ = 0 (never case (d)).
-    """
-    g, r, t = a.shape
-    valid_a, valid_b = wa > 0, wb > 0
-    wk = torch.where(valid_b, wb, torch.zeros_like(wb))  # key weights; a zero key weighs 0
-    wcum = torch.cumsum(wk, -1) - wk  # [G, T]: Σ_{n<m} |k_n|
-    weight_all = (wa * wcum[:, None, :]).sum(-1)
-    method = method or _default_method(a)
-    if method == "sweep":
-        from anomaly.probe.sweep import sweep_phases
-
-        arrays = (x.detach().to(torch.float64).cpu().contiguous().numpy() for x in (a, wa, b, wk))
-        count_d, weight_d, hist = (torch.from_numpy(x).to(a.device) for x in sweep_phases(*arrays, bins))
-    elif method == "blocks":
-        s_t, s_r = (min(block, t), min(block, t)) if block else _block_sizes(t, r)
-        step = _group_chunk(t, r, max(s_t, s_r), a.device)
-        parts = [
-            _case_d(a[i : i + step], wa[i : i + step], b[i : i + step], wk[i : i + step], s_t, s_r)
-            for i in range(0, g, step)
-        ]
-        count_d = torch.cat([p[0] for p in parts])
-        weight_d = torch.cat([p[1] for p in parts])
-        hist = _theta_hist(a, valid_a, b, valid_b, bins, min(t, 8))
-    else:
-        raise ValueError(f"unknown pair_stats method {method!r}; use 'sweep' or 'blocks'")
-    pairs = _zero_slices_to_bin_0(hist, t)
-
-    zq = torch.polar(wa, a)
-    zk = torch.polar(wb, b)
-    zk_prefix = torch.cumsum(zk, -1) - zk  # Σ_{n<m} k_n
-    mean_product = (zq * zk_prefix[:, None, :].conj()).sum(-1)
-    return PairStats(count_d, weight_d, weight_all, hist, mean_product, pairs, wa.mean(-1), wb.mean(-1))
-
-
-def slice_pair_stats(
-    q_re: Tensor, q_im: Tensor, k_re: Tensor, k_im: Tensor, *, bins: int = 64, method: str | None = None
-) -> PairStats:
-    """:func:`pair_stats` straight from the slices' components (what the probe calls).
-
-    Args:
-        q_re, q_im: ``[G, R, T]`` real and imaginary parts of the query slices.
-        k_re, k_im: ``[G, T]`` of the key slices.
-        bins, method: as :func:`pair_stats`. On the CPU the default ``"sweep"`` computes
-            the phase order (a pseudo-angle, no atan2), magnitudes and every statistic in
-            one compiled pass (:func:`anomaly.probe.sweep.sweep_slices`) with no float64
-            tensor passes.
-    """
-    method = method or _default_method(q_re)
-    if method != "sweep":
-        a, wa = phases(torch.complex(q_re.float(), q_im.float()))
-        b, wb = phases(torch.complex(k_re.float(), k_im.float()))
-        return pair_stats(a, wa, b, wb, bins=bins, method=method)
-    from anomaly.probe.sweep import sweep_slices
-
-    g, r, t = q_re.shape
-    arrays = (x.detach().cpu().contiguous().numpy() for x in (q_re, q_im, k_re, k_im))
-    count, weight, hist, weight_all, product, q_abs, k_abs = (
-        torch.from_numpy(x) for x in sweep_slices(*arrays, bins)
-    )
-    pairs = _zero_slices_to_bin_0(hist, t)
-    mean_product = torch.complex(product[..., 0], product[..., 1])
-    return PairStats(count, weight, weight_all, hist, mean_product, pairs, q_abs / t, k_abs / t)
-
-
-def _default_method(x: Tensor) -> str:
-    """The compiled sweep on the CPU; the vectorised blocks where a sequential sweep does not
-    fit (GPU)."""
-    return "sweep" if x.device.type == "cpu" else "blocks"
-
-
-def _zero_slices_to_bin_0(hist: Tensor, t: int) -> int:
-    """Put the causal pairs the counting left out (a zero slice: Θ = 0) into bin 0 of
-    ``hist [..., bins]`` in place; returns ``T(T−1)/2``, the causal pairs per slice."""
-    pairs = t * (t - 1) // 2
-    hist[..., 0] += pairs - hist.sum(-1)
-    return pairs
-
-
-def _case_d(a: Tensor, wa: Tensor, b: Tensor, wk: Tensor, s_t: int, s_r: int) -> tuple[Tensor, Tensor]:
+def _case_d(
+    a: Tensor, wa: Tensor, b: Tensor, wk: Tensor, s_t: int, s_r: int, tol: float
+) -> tuple[Tensor, Tensor]:
     """``(count_d [G, R] int64, weight_d [G, R] float64)`` for a chunk of groups.
 
-    Query ``m`` is in case (d) with key ``n < m`` iff ``[b_n < upper_m] − [b_n ≤ a_m]``
-    (+1 when the arc wraps, ``a_m ≥ π``) is 1. With ``F`` the rank thresholds of those two
+    Query ``m`` is in case (d) with key ``n < m`` iff ``[b_n < upper_m] − [b_n ≤ lower_m]``
+    (+1 when the arc wraps through 0, ``lower_m > upper_m``) is 1, with the arc's ends
+    ``lower = a + tol`` and ``upper = a + π`` reduced mod 2π. With ``F`` the rank thresholds of those two
     conditions, its count is ``P(m, F_lt) − P(m, F_le) (+ #{valid n < m})``, ``P`` the
     dominance count ``#{n < m : r_n < f}``, assembled from three disjoint parts: keys in
     earlier time blocks and earlier rank blocks (2-D prefix table), keys in earlier time
@@ -226,13 +246,16 @@ def _case_d(a: Tensor, wa: Tensor, b: Tensor, wk: Tensor, s_t: int, s_r: int) ->
     sorted_b, order = torch.sort(b_key, dim=-1, stable=True)
     rank = torch.empty_like(order).scatter_(-1, order, pos.expand(g, t))  # [G, T] by time
 
-    # ---- rank thresholds: F_lt = #{b < upper}, F_le = #{b ≤ a}; a zero query gets −1 (F = 0)
-    wrap = (a >= math.pi) & valid_a
+    # ---- rank thresholds: F_lt = #{b < upper}, F_le = #{b ≤ lower}; a zero query gets −1 (F = 0)
     below = torch.full_like(a, -1.0)
-    a_le = torch.where(valid_a, a, below)
-    upper = torch.where(valid_a, torch.where(a < math.pi, a + math.pi, a - math.pi), below)
-    # b ≤ a ⟺ b < nextafter(a, +∞): both thresholds are strict
-    a_next = torch.nextafter(a_le, torch.full_like(a_le, math.inf))
+    lower = a + tol  # tol = 0 keeps a bit for bit
+    lower = torch.where(lower >= TWO_PI, lower - TWO_PI, lower)
+    upper = torch.where(a < math.pi, a + math.pi, a - math.pi)
+    wrap = (lower > upper) & valid_a
+    upper = torch.where(valid_a, upper, below)
+    lower = torch.where(valid_a, lower, below)
+    # b ≤ lower ⟺ b < nextafter(lower, +∞): both thresholds are strict
+    a_next = torch.nextafter(lower, torch.full_like(lower, math.inf))
     x = torch.stack([upper.reshape(g, r * t), a_next.reshape(g, r * t)], 1).reshape(g, 2 * r * t)
     f = _count_below(sorted_b, valid_b.sum(-1), x)  # [G, 2·R·T]: F_lt, then F_le
     qblk = (pos // s_t).repeat(2 * r)  # [2·R·T] time block of each query

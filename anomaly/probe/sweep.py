@@ -1,25 +1,28 @@
 """Case-(d) counts, weights and Θ histograms by one sweep over time (compiled, CPU).
 
-For one group (key head × slice) the pairs ``m > n`` in case (d) are found by walking
-the tokens in order and keeping the keys seen so far in a Fenwick tree indexed by the
-rank of their phase. At query ``m``, the keys with ``b_n`` on the case-(d) arc form a
-rank interval (SPEC §3: ``b_n ∈ (a_m, a_m + π)`` for ``a_m < π``, the complement of
-``[a_m − π, a_m]`` for ``a_m ≥ π``), so its count and its ``Σ |k_n|`` are two prefix
-queries, ``O(log T)``. The Θ histogram uses a running histogram ``kc`` of the keys' phase
-bins: query ``m`` with bin ``u`` adds ``kc`` to row ``u`` of a joint (query bin × key bin)
-table, ``O(bins)`` contiguous adds, folded into Θ bins ``(u − v) mod bins`` at the end.
+The ``"sweep"`` implementation behind :func:`anomaly.probe.stats.pair_statistics`. For one
+group (key head × slice) the pairs ``m > n`` in case (d) are found by walking the tokens in
+order and keeping the keys seen so far in a Fenwick tree indexed by the rank of their
+phase. At query ``m``, the keys with ``b_n`` on the case-(d) arc ``(a_m + tol, a_m + π)``
+(docs/conventions.md §3; ``tol`` the zero-angle tolerance) form a rank interval, so its
+count and its ``Σ |k_n|`` are two prefix queries, ``O(log T)``. The Θ histogram uses a
+running histogram ``kc`` of the keys' phase bins: query ``m`` with bin ``u`` adds ``kc`` to
+row ``u`` of a joint (query bin × key bin) table, ``O(bins)`` contiguous adds, folded into
+Θ bins ``(u − v) mod bins`` at the end.
 
 Cost ``O(T·R·(log T + bins))`` per group, no ``T²`` anything; exact, with the same
-thresholds as :func:`anomaly.probe.stats.pair_stats`'s vectorised form (which serves
-GPUs, where a sequential sweep does not fit). Groups run in parallel (``numba.prange``).
+thresholds as the vectorised ``"blocks"`` form of :mod:`anomaly.probe.stats` (which
+serves GPUs, where a sequential sweep does not fit). Groups run in parallel
+(``numba.prange``).
 
-The sweep needs only the *order* of phases around the circle, so :func:`sweep_slices`
-(the probe's entry point, straight from the slices' components) replaces ``atan2`` by a
-pseudo-angle, a cheap function of ``(x, y)`` that is monotone in ``arg(x + iy)`` and maps
-``−v`` to exactly half a turn from ``v`` (:func:`_pseudo`). Histogram bins must be uniform
-in the true angle: a table over the pseudo-angle gives the bin wherever a table cell lies
-inside one bin, and ``atan2`` decides the ~1 % of tokens in cells that straddle an edge,
-so every bin is the one ``⌊arg·bins/2π⌋`` gives (:func:`bin_table`).
+The sweep needs only the *order* of phases around the circle, so it replaces ``atan2`` by
+a pseudo-angle, a cheap function of ``(x, y)`` that is monotone in ``arg(x + iy)`` and maps
+``−v`` to exactly half a turn from ``v`` (:func:`_pseudo`); the arc's ends are the
+pseudo-angles of ``−v`` and of ``v`` rotated by ``tol`` (``v`` itself when ``tol = 0``).
+Histogram bins must be uniform in the true angle: a table over the pseudo-angle gives the
+bin wherever a table cell lies inside one bin, and ``atan2`` decides the ~1 % of tokens in
+cells that straddle an edge, so every bin is the one ``⌊arg·bins/2π⌋`` gives
+(:func:`bin_table`).
 
 Why numba: the sweep is inherently sequential in time, and no composition of tensor
 operations matches a compiled loop here (the vectorised block form measured 0.5 s per
@@ -120,18 +123,19 @@ def _below(sorted_b, lo, hi, x, inclusive):
 
 
 @numba.njit(cache=True)
-def _sweep_group(a, ua, wa, abin, b, wb, bbin, half, bins, count, weight, hist):  # pragma: no cover - compiled
-    """One group, phases on a circle of length ``2·half`` (2π for angles, 4 for pseudo-angles).
+def _sweep_group(ua, la, wa, abin, b, wb, bbin, bins, count, weight, hist):  # pragma: no cover - compiled
+    """One group, pseudo-angles on the circle ``[0, 4)``.
 
-    ``a, ua, wa, abin [R, T]``: query phases, the phases half a turn away (the case-(d)
-    arc's far end), magnitudes and histogram bins; ``b, wb, bbin [T]``: the same for the
-    keys. Adds into ``count [R]``, ``weight [R]``, ``hist [R, bins]``.
+    ``ua, la, wa, abin [R, T]``: per query the case-(d) arc's far end (half a turn away) and
+    near end (the query's own phase plus the tolerance), its magnitude and histogram bin;
+    ``b, wb, bbin [T]``: the keys' phases, magnitudes and bins. Adds into ``count [R]``,
+    ``weight [R]``, ``hist [R, bins]``.
     """
-    r_count, t_count = a.shape
+    r_count, t_count = ua.shape
     # Keys bucketed by ⌊b·K/turn⌋ (K = 4T, monotone in b): sorted by a counting sort, and
     # "#{b < x}" is the keys of lower buckets plus a short scan of x's own bucket, O(1).
     n_buckets = 4 * t_count
-    scale = n_buckets / (2.0 * half)
+    scale = n_buckets / 4.0
     start = np.zeros(n_buckets + 1, np.int64)
     bucket = np.empty(t_count, np.int64)
     for n in range(t_count):
@@ -181,12 +185,12 @@ def _sweep_group(a, ua, wa, abin, b, wb, bbin, half, bins, count, weight, hist):
             wq = wa[r, m]
             if wq <= 0:
                 continue
-            x = a[r, m]
             upper = ua[r, m]
+            lower = la[r, m]
             k = min(int(upper * scale), n_buckets - 1)
             f_lt = _below(sorted_b, start[k], start[k + 1], upper, False)  # #{b < upper}
-            k = min(int(x * scale), n_buckets - 1)
-            f_le = _below(sorted_b, start[k], start[k + 1], x, True)  # #{b ≤ a}
+            k = min(int(lower * scale), n_buckets - 1)
+            f_le = _below(sorted_b, start[k], start[k + 1], lower, True)  # #{b ≤ lower}
             n = 0.0
             w = 0.0
             i, j = f_lt, f_le
@@ -195,7 +199,8 @@ def _sweep_group(a, ua, wa, abin, b, wb, bbin, half, bins, count, weight, hist):
                 w += tree[i, 1] - tree[j, 1]
                 i -= i & -i
                 j -= j & -j
-            wrap = 1.0 if x >= half else 0.0  # the arc wraps: every earlier key except [a − π, a]
+            # The arc wraps through 0: every earlier key except those in [upper, lower].
+            wrap = 1.0 if lower > upper else 0.0
             n += wrap * seen_n
             w += wrap * seen_w
             count[r] += int(n)
@@ -229,54 +234,29 @@ def _fold(joint, hist):
                 joint[r, u, v] = 0
 
 
-@numba.njit(parallel=True, cache=True)
-def sweep_phases(a, wa, b, wb, bins):  # pragma: no cover - compiled; tested through pair_stats
-    """``(count_d [G, R] int64, weight_d [G, R] float64, hist [G, R, bins] int64)``.
-
-    Args:
-        a, wa: ``[G, R, T]`` float64 query phases in ``[0, 2π)`` and magnitudes.
-        b, wb: ``[G, T]`` float64 key phases and magnitudes.
-        bins: Θ histogram bins; a pair goes to ``(bin(a_m) − bin(b_n)) mod bins``.
-
-    Pairs with a zero query or key slice (magnitude 0) are left out of all three.
-    """
-    g_count, r_count, t_count = a.shape
-    count = np.zeros((g_count, r_count), np.int64)
-    weight = np.zeros((g_count, r_count), np.float64)
-    hist = np.zeros((g_count, r_count, bins), np.int64)
-    for g in numba.prange(g_count):
-        ua = np.empty((r_count, t_count), np.float64)
-        abin = np.empty((r_count, t_count), np.int64)
-        bbin = np.empty(t_count, np.int64)
-        for m in range(t_count):
-            for r in range(r_count):
-                x = a[g, r, m]
-                ua[r, m] = x + PI if x < PI else x - PI
-                abin[r, m] = _phase_bin(x, bins)
-            bbin[m] = _phase_bin(b[g, m], bins)
-        _sweep_group(a[g], ua, wa[g], abin, b[g], wb[g], bbin, PI, bins, count[g], weight[g], hist[g])
-    return count, weight, hist
-
-
-def sweep_slices(qre: np.ndarray, qim: np.ndarray, kre: np.ndarray, kim: np.ndarray, bins: int) -> tuple:
+def sweep_slices(
+    qre: np.ndarray, qim: np.ndarray, kre: np.ndarray, kim: np.ndarray, bins: int, zero_angle_tol: float = 0.0
+) -> tuple:
     """Every per-layer pair statistic straight from the slices' real and imaginary parts.
 
     Args:
         qre, qim: ``[G, R, T]`` query slice components (any float dtype).
         kre, kim: ``[G, T]`` key slice components.
-        bins: Θ histogram bins.
+        bins: Θ histogram bins; a pair goes to ``(bin(a_m) − bin(b_n)) mod bins``.
+        zero_angle_tol: radians; Θ within it of 0 (mod 2π) is not case (d).
 
     Returns:
-        ``count_d [G, R]``, ``weight_d [G, R]``, ``hist [G, R, bins]`` (as
-        :func:`sweep_phases`), ``weight_all [G, R]`` (``Σ_{n<m} |q_m||k_n|``),
-        ``product [G, R, 2]`` (re, im of ``Σ_{n<m} q_m k̄_n``), ``q_abs [G, R]`` and
-        ``k_abs [G]`` (``Σ_m |q_m|``, ``Σ_n |k_n|``).
+        ``count_d [G, R]`` (causal pairs in case (d)), ``weight_d [G, R]`` (their
+        ``Σ |q_m||k_n|``), ``hist [G, R, bins]`` (pairs with a zero slice left out of all
+        three), ``weight_all [G, R]`` (``Σ_{n<m} |q_m||k_n|``), ``product [G, R, 2]`` (re, im
+        of ``Σ_{n<m} q_m k̄_n``), ``q_abs [G, R]`` and ``k_abs [G]`` (``Σ_m |q_m|``,
+        ``Σ_n |k_n|``).
     """
-    return _sweep_slices(qre, qim, kre, kim, bins, bin_table(bins))
+    return _sweep_slices(qre, qim, kre, kim, bins, bin_table(bins), zero_angle_tol)
 
 
 @numba.njit(parallel=True, cache=True)
-def _sweep_slices(qre, qim, kre, kim, bins, table):  # pragma: no cover - compiled; tested in test_probe
+def _sweep_slices(qre, qim, kre, kim, bins, table, tol):  # pragma: no cover - compiled; tested in test_probe
     g_count, r_count, t_count = qre.shape
     count = np.zeros((g_count, r_count), np.int64)
     weight = np.zeros((g_count, r_count), np.float64)
@@ -285,9 +265,10 @@ def _sweep_slices(qre, qim, kre, kim, bins, table):  # pragma: no cover - compil
     product = np.zeros((g_count, r_count, 2), np.float64)
     q_abs = np.zeros((g_count, r_count), np.float64)
     k_abs = np.zeros(g_count, np.float64)
+    cos_t, sin_t = math.cos(tol), math.sin(tol)
     for g in numba.prange(g_count):
-        a = np.empty((r_count, t_count), np.float64)
         ua = np.empty((r_count, t_count), np.float64)
+        la = np.empty((r_count, t_count), np.float64)
         wa = np.empty((r_count, t_count), np.float64)
         abin = np.empty((r_count, t_count), np.int64)
         b = np.empty(t_count, np.float64)
@@ -299,8 +280,9 @@ def _sweep_slices(qre, qim, kre, kim, bins, table):  # pragma: no cover - compil
             for r in range(r_count):
                 x, y = np.float64(qre[g, r, m]), np.float64(qim[g, r, m])
                 p = _pseudo(x, y)
-                a[r, m] = p
                 ua[r, m] = _pseudo(-x, -y)
+                # v rotated by tol: the arc's near end (v itself, bit for bit, at tol = 0)
+                la[r, m] = p if tol == 0.0 else _pseudo(x * cos_t - y * sin_t, x * sin_t + y * cos_t)
                 wq = math.sqrt(x * x + y * y)
                 wa[r, m] = wq
                 abin[r, m] = _table_bin(x, y, p, bins, table)
@@ -317,5 +299,5 @@ def _sweep_slices(qre, qim, kre, kim, bins, table):  # pragma: no cover - compil
             sum_re += x
             sum_im += y
         k_abs[g] = sum_w
-        _sweep_group(a, ua, wa, abin, b, wb, bbin, 2.0, bins, count[g], weight[g], hist[g])
+        _sweep_group(ua, la, wa, abin, b, wb, bbin, bins, count[g], weight[g], hist[g])
     return count, weight, hist, weight_all, product, q_abs, k_abs
