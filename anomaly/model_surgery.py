@@ -472,6 +472,10 @@ class RotationTable:
     layout: str
     """The layout the table is written in (``"half"`` for a half-width table): the first
     guess of the layout the layer applies it in, which the capture then checks."""
+    dtype: torch.dtype
+    """The (real) dtype the layer received the table in: ``cos``/``sin`` here are float32,
+    but a bfloat16/float16 model rounds its table to its own dtype, which bounds how
+    exactly :func:`match_frequencies` can match it."""
 
 
 def rotation_table(rotation, n_freqs: set[int]) -> RotationTable:
@@ -489,28 +493,51 @@ def rotation_table(rotation, n_freqs: set[int]) -> RotationTable:
     """
     if isinstance(rotation, Tensor) and rotation.is_complex():
         z = rotation.reshape(-1, rotation.shape[-1])
-        return RotationTable(z.real.float(), z.imag.float(), 2 * z.shape[-1], "interleaved")
+        return RotationTable(z.real.float(), z.imag.float(), 2 * z.shape[-1], "interleaved", z.real.dtype)
     cos, sin = rotation
     c, s = cos.reshape(-1, cos.shape[-1]).float(), sin.reshape(-1, sin.shape[-1]).float()  # [positions, width]
     w = c.shape[-1]
+    # Repeated columns are copies of one value, so they are equal bit for bit in any dtype.
     if w % 2 == 0 and torch.allclose(c[:, : w // 2], c[:, w // 2 :], atol=1e-6):
-        return RotationTable(c[:, : w // 2], s[:, : w // 2], w, "half")
+        return RotationTable(c[:, : w // 2], s[:, : w // 2], w, "half", cos.dtype)
     if w % 2 == 0 and torch.allclose(c[:, 0::2], c[:, 1::2], atol=1e-6):
-        return RotationTable(c[:, 0::2], s[:, 0::2], w, "interleaved")
+        return RotationTable(c[:, 0::2], s[:, 0::2], w, "interleaved", cos.dtype)
     if w in n_freqs:
-        return RotationTable(c, s, 2 * w, "half")
+        return RotationTable(c, s, 2 * w, "half", cos.dtype)
     raise UserError(
         f"the rotary table the model hands its attention layers ({w} columns) repeats no "
         "frequency the way RoPE's half or interleaved layouts do; the probe cannot read it"
     )
 
 
-def match_frequencies(model: nn.Module, table: RotationTable, positions: Tensor) -> tuple[Tensor, float]:
-    """The model's ``(inv_freq, attention_scaling)`` that produced ``table``.
+KERNEL_DEVIATION = 1e-3
+"""Largest deviation of a layer's rotary table from its frequencies that :func:`match_frequencies`
+accepts beyond rounding. torch 2.13's CPU kernels occasionally compute the very first rotary table
+of a process with errors of ~1.5e-4 at some positions (seen on 2 threads, never on 1: a race on
+first use); a wrong buffer or rotary factor is off by order one, far above this."""
+
+
+@dataclass(frozen=True)
+class FrequencyMatch:
+    """The frequencies that rotate a layer, read from the model and checked against its table."""
+
+    inv_freq: Tensor
+    """``[d_rot/2]`` slice frequencies θ_j (float32, CPU), as the model's buffer holds them."""
+    scale: float
+    """Rotary attention factor multiplied into cos and sin (YaRN's; 1 otherwise)."""
+    deviation: float
+    """Largest |cos|/|sin| difference between the layer's table and these frequencies."""
+
+
+def match_frequencies(model: nn.Module, table: RotationTable, positions: Tensor) -> FrequencyMatch:
+    """The model's frequencies and rotary factor that produced ``table``.
 
     Each of the rotary module's frequency buffers is tried; the one whose table equals the
-    layer's (to float32 rounding at these positions) is returned. This both reads the
-    frequencies "from the model's own rotary module" and proves they are the ones used.
+    layer's (to float32 rounding at these positions, plus the rounding of the table to the
+    dtype the layer received it in: bfloat16/float16 models) is returned. This both reads the
+    frequencies "from the model's own rotary module" and proves they are the ones used. A table
+    off by more than rounding but at most :data:`KERNEL_DEVIATION` is accepted with its
+    deviation recorded, which the capture's own check then allows for.
 
     Raises:
         UserError: no buffer reproduces the table.
@@ -525,12 +552,18 @@ def match_frequencies(model: nn.Module, table: RotationTable, positions: Tensor)
         err = max((ang.cos() * scale - c).abs().max().item(), (ang.sin() * scale - s).abs().max().item())
         if err < err_best:
             best, err_best = (freqs.detach().float().cpu(), scale), err
-    # float32 angles at position p carry ~p·6e-8 absolute error.
-    tol = 1e-5 + 2e-7 * float(pos.max()) if len(pos) else 1e-5
-    if best is None or err_best > tol:
+    # float32 angles at position p carry ~p·6e-8 absolute error. A bfloat16/float16 model
+    # computes its table in float32 and rounds each entry once to its own dtype: at most half
+    # an ulp, eps/2·|entry|, where |entry| ≤ the rotary factor (1 without YaRN). One eps times
+    # the table's largest entry is twice that bound (room for the float32 error beneath it):
+    # ~1e-7 for float32 tables, 2⁻⁷ for bfloat16 ones, still far below what a wrong buffer or
+    # rotary factor gives (differences of order one at most positions).
+    rounding = torch.finfo(table.dtype).eps * max(1.0, float(c.abs().max()), float(s.abs().max())) if c.numel() else 0.0
+    tol = (1e-5 + 2e-7 * float(pos.max()) if len(pos) else 1e-5) + rounding
+    if best is None or err_best > tol + KERNEL_DEVIATION:
         raise UserError(
             f"none of {model.config.model_type}'s rotary frequency buffers reproduces the rotation "
             "its attention layers receive, so the probe cannot tell which frequencies rotate "
             "them; the supported families are listed in docs/families.md"
         )
-    return best
+    return FrequencyMatch(best[0], best[1], 0.0 if err_best <= tol else err_best)

@@ -15,13 +15,11 @@ Time: median wall time of repeated calls, methods interleaved round-robin in one
 so that a busy machine slows all of them alike. Forward, and forward + backward of
 ``out.sum()`` with respect to q, k/t and v.
 
-Peak memory (CPU): each (length, method) runs in a fresh subprocess with glibc told to
-return every allocation above 64 KiB to the OS (``MALLOC_MMAP_THRESHOLD_``), so the
-resident set tracks what torch holds; the peak resident set (``VmHWM``, reset through
-``/proc/self/clear_refs`` just before the call) minus the resident set at that moment is the
-call's peak extra memory: every tensor the call allocates, transient or returned, inputs
-excluded. (``tracemalloc`` would see none of torch's allocations.) On CUDA the same number
-is ``torch.cuda.max_memory_allocated`` minus the allocation before the call.
+Peak memory: each (length, method) runs in a fresh subprocess (glibc told by
+``MALLOC_MMAP_THRESHOLD_`` to return every allocation above 64 KiB to the OS), and the
+call's peak extra memory is measured as :func:`benchmarks.memory.peak_extra_bytes`
+describes: on the CPU the peak resident set above the one before the call, on CUDA
+``torch.cuda.max_memory_allocated`` above the allocation before it.
 """
 
 from __future__ import annotations
@@ -46,6 +44,7 @@ if str(REPO) not in sys.path:
 
 from anomaly.coca import coca_attention, einsum_attention  # noqa: E402
 from anomaly.rope import apply_rope, inv_freq  # noqa: E402
+from benchmarks.memory import MMAP_THRESHOLD, peak_extra_bytes  # noqa: E402
 
 METHODS = ("vanilla", "slack", "strict", "einsum")
 MODES = ("fwd", "fwd+bwd")
@@ -128,29 +127,6 @@ def einsum_bytes(shape: Shape, length: int, mode: str) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _peak_extra_bytes(call, inputs, mode: str, device: str) -> int:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        run_once(call, inputs, mode)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    rss = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-    run_once(call, inputs, mode)
-    return (_status_kib("VmHWM") - rss) * 1024
-
-
 def worker(args: argparse.Namespace) -> None:
     """Print ``{mode: peak_extra_bytes}`` for one method and length as JSON."""
     shape = Shape(**json.loads(args.shape))
@@ -160,13 +136,13 @@ def worker(args: argparse.Namespace) -> None:
     out = {}
     for mode in args.modes:
         inputs = make_inputs(shape, args.length, grad=mode != "fwd")
-        out[mode] = _peak_extra_bytes(call, inputs, mode, shape.device)
+        out[mode] = peak_extra_bytes(lambda: run_once(call, inputs, mode), shape.device)[1]
         del inputs
     print(json.dumps(out))
 
 
 def measure_memory(shape: Shape, length: int, method: str, modes: list[str]) -> dict[str, int]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
     cmd = [
         sys.executable, __file__, "--_worker", "--method", method, "--length", str(length),
         "--shape", json.dumps(asdict(shape)), "--modes", *modes,

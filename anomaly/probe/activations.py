@@ -364,12 +364,13 @@ _CHECKED_POSITIONS = 8
 
 @dataclass
 class _Received:
-    """The query and key one layer handed its attention function, and its settings."""
+    """The query and key one layer handed its attention function, at the checked token rows
+    only (a copy: the layer's full q/k are not kept), and its settings."""
 
     q: Tensor
-    """``[heads, seq, head_dim]`` (batch 0)."""
+    """``[heads, rows, head_dim]`` (batch 0)."""
     k: Tensor
-    """``[kv_heads or heads, seq, head_dim]``."""
+    """``[kv_heads or heads, rows, head_dim]``."""
     kwargs: dict
     """``scaling``, ``sliding_window``, ``softcap``, ``s_aux`` where the layer passed them."""
 
@@ -396,29 +397,26 @@ def _window_of_mask(mask: Tensor | None, seq: int) -> int | None | object:
     return window if torch.equal(seen.cpu(), expected.cpu()) else _UNREAD
 
 
-def _expected(layer: LayerCapture, rows: Tensor, coca_variant: str | None) -> tuple[Tensor, Tensor]:
-    """The q/k the layer's attention should receive at token rows ``rows``, float64,
-    ``[heads, len(rows), head_dim]``, from the capture alone."""
-    sub = replace(
-        layer.to(torch.float64), positions=layer.positions[rows], q=layer.q[:, rows], k=layer.k[:, rows],
-        q_pass=layer.q_pass[:, rows], k_pass=layer.k_pass[:, rows],
-    )
-    if coca_variant is None:
-        return rotated_heads(sub)
+def _expected(layer: LayerCapture) -> tuple[Tensor, Tensor]:
+    """The q/k the layer's attention should receive at the tokens ``layer`` holds (the checked
+    rows), float64, ``[heads, rows, head_dim]``, from the capture alone."""
+    layer = layer.to(torch.float64)
+    if layer.coca_variant is None:
+        return rotated_heads(layer)
     from anomaly.coca.attention import coca_qk
 
     q, k = coca_qk(
-        sub.q[None], sub.k[None], variant=coca_variant, inv_freq=sub.inv_freq, positions=sub.positions,
-        layout=sub.layout, attention_scale=sub.rope_scale, rotated=True,
+        layer.q[None], layer.k[None], variant=layer.coca_variant, inv_freq=layer.inv_freq,
+        positions=layer.positions, layout=layer.layout, attention_scale=layer.rope_scale, rotated=True,
     )
     return q[0], k[0]
 
 
-def _mismatch(expected: tuple[Tensor, Tensor], received: _Received, rows: Tensor) -> float:
+def _mismatch(expected: tuple[Tensor, Tensor], received: _Received) -> float:
     """Largest difference between expected and received q/k, relative to the largest entry."""
     worst = 0.0
     for exp, got in zip(expected, (received.q, received.k)):
-        got = got[:, rows].double()
+        got = got.double()
         if exp.shape[0] != got.shape[0] and got.shape[0] % exp.shape[0] == 0:
             exp = exp.repeat_interleave(got.shape[0] // exp.shape[0], dim=0)  # keys repeated for GQA
         if exp.shape != got.shape:
@@ -427,23 +425,23 @@ def _mismatch(expected: tuple[Tensor, Tensor], received: _Received, rows: Tensor
     return worst
 
 
-def _query_scaled_by_position(plain: tuple[Tensor, Tensor], received: _Received, rows: Tensor) -> float:
+def _query_scaled_by_position(plain: tuple[Tensor, Tensor], received: _Received) -> float:
     """:func:`_mismatch` of ``plain`` with its query rescaled by the one factor per position
     that fits best: a layer without rotation that scales its queries by position (Beam's
     NoPE layers, ``(1 + p/2048)^0.1``) matches to rounding."""
     q, k = plain
-    got = received.q[:, rows].double()
+    got = received.q.double()
     if q.shape != got.shape:
         return float("inf")
     factor = (q * got).sum((0, 2)) / (q * q).sum((0, 2)).clamp_min(1e-30)  # [rows], least squares
-    return _mismatch((q * factor[None, :, None], k), received, rows)
+    return _mismatch((q * factor[None, :, None], k), received)
 
 
-def _normalised_after(expected: tuple[Tensor, Tensor], received: _Received, rows: Tensor) -> bool:
+def _normalised_after(expected: tuple[Tensor, Tensor], received: _Received) -> bool:
     """Whether the received q/k are the expected ones normalised per head vector (RMS or L2
     norm) times a per-dimension weight: a norm applied after the rotation."""
     for exp, got in zip(expected, (received.q, received.k)):
-        got = got[:, rows].double()
+        got = got.double()
         if exp.shape != got.shape:
             return False
         unit = exp / exp.norm(dim=-1, keepdim=True).clamp_min(1e-30)
@@ -462,6 +460,15 @@ def _norm_reads_projection(site: surgery.AttentionSite, rec: dict, seq: int) -> 
     return any(
         torch.equal(pq, nq) and torch.equal(pk, nk) for pq, pk in proj for nq, nk in normed
     )
+
+
+def _finite(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is finite: its extremes are (a NaN makes both NaN, an
+    infinity is one of them), found in one pass without a copy of ``x``."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def capture(
@@ -514,11 +521,19 @@ def capture(
 
     def received_by(layer: int) -> Callable[[Tensor, Tensor, dict], None]:
         def report(query: Tensor, key: Tensor, kwargs: dict) -> None:
+            # HF hands [batch, heads, seq, head_dim]; anything else cannot be this capture.
+            if query.ndim != 4 or key.ndim != 4 or query.shape[-2] != seq or key.shape[-2] != seq:
+                raise surgery.Unsupported(
+                    family, "unverified",
+                    f"layer {layer}'s attention receives q/k of shapes {tuple(query.shape)}, {tuple(key.shape)} "
+                    f"for {seq} tokens",
+                )
             keep = {k: kwargs[k] for k in ("scaling", "sliding_window", "softcap", "s_aux") if k in kwargs}
-            window = _window_of_mask(kwargs.get("attention_mask"), query.shape[-2])
+            window = _window_of_mask(kwargs.get("attention_mask"), seq)
             if window is not _UNREAD:
                 keep["sliding_window"] = window  # the window the mask applies, whatever the layer says
-            store.setdefault(layer, {})["received"] = _Received(query[0].detach(), key[0].detach(), keep)
+            # Only the checked rows (indexing copies them): the full q/k die with the call.
+            store.setdefault(layer, {})["received"] = _Received(query[0][:, rows], key[0][:, rows], keep)
 
         return report
 
@@ -530,8 +545,10 @@ def capture(
             return getattr(config, "sliding_window", None) if kinds[layer] == "sliding_attention" else None
         return getattr(config, "sliding_window", None)
 
-    def on_done(layer: int) -> None:
-        rec = store.pop(layer)
+    def verified(layer: int, rec: dict) -> LayerCapture | None:
+        """The layer's capture, checked against what its attention received; ``None`` for a
+        layer that applies no rotation (recorded in ``skipped``). Every guess is checked at
+        the rows ``rows`` only; the full capture is read once, for the guess that holds."""
         site = sites[layer]
         received: _Received | None = rec.get("received")
         coca_variant = getattr(site.attention, "coca_variant", None)
@@ -553,17 +570,24 @@ def capture(
             if key not in matched:
                 matched[key] = surgery.match_frequencies(model, table, positions)
 
-        def reading(q: Tensor, k: Tensor, layout: str) -> LayerCapture:
-            q = q[0].transpose(0, 1).to(dtype)  # [1, s, h, d] -> [h, s, d]
-            k = k[0].transpose(0, 1).to(dtype)  # [1, s, kv, d] -> [kv, s, d]
+        def reading(q: Tensor, k: Tensor, layout: str, at: Tensor | None = None) -> LayerCapture:
+            """The capture if ``(q, k)`` ``[1, s, heads, head_dim]`` are the layer's pre-RoPE
+            vectors, rotated in ``layout``: at token rows ``at`` only, or (``None``) whole."""
             d_rot = table.d_rot if table is not None else 0
-            freqs, rope_scale = matched[key] if table is not None else (torch.zeros(0), 1.0)
+            freqs, rope_scale = (matched[key].inv_freq, matched[key].scale) if table is not None else (torch.zeros(0), 1.0)
             extra = received.kwargs if received is not None else {}
             sinks = extra.get("s_aux")
+
+            def part(x: Tensor, dims: slice) -> Tensor:  # [1, s, h, d] -> [h, s, len(dims)]
+                x = x[0] if at is None else x[0, at]
+                # Always a copy: a view (a zero-width pass-through, one head) would keep the
+                # layer's whole projection output alive with the capture.
+                return x[..., dims].transpose(0, 1).to(dtype, copy=True, memory_format=torch.contiguous_format)
+
             return LayerCapture(
-                index=layer, positions=positions, layout=layout,
-                q=q[..., :d_rot].contiguous(), k=k[..., :d_rot].contiguous(),
-                q_pass=q[..., d_rot:].contiguous(), k_pass=k[..., d_rot:].contiguous(),
+                index=layer, positions=positions if at is None else positions[at], layout=layout,
+                q=part(q, slice(None, d_rot)), k=part(k, slice(None, d_rot)),
+                q_pass=part(q, slice(d_rot, None)), k_pass=part(k, slice(d_rot, None)),
                 inv_freq=freqs.to(q.device), rope_scale=rope_scale,
                 softmax_scale=float(extra.get("scaling") or site.softmax_scale),
                 sliding_window=extra["sliding_window"] if "sliding_window" in extra else window_of(layer),
@@ -576,8 +600,8 @@ def capture(
             # Neither a rotation nor a call of the attention interface: a linear-attention
             # layer that shares the name of an attention module (MiniMax's lightning layers).
             skipped[layer] = "receives no rotary position embedding (linear attention)"
-            out = None
-        elif received is None:
+            return None
+        if received is None:
             # Scores computed inside the attention class (GPT-J, CodeGen): nothing to compare
             # with here; tests/test_probe.py rebuilds their attention from the capture instead.
             if type(site.attention).__name__ not in surgery.ROTATES_INSIDE:
@@ -586,39 +610,42 @@ def capture(
                     f"{type(site.attention).__name__} does not call transformers' attention interface, "
                     "so the capture cannot be checked against it",
                 )
-            out = reading(*candidates[0], table.layout)
-        else:
-            out, err = None, float("inf")
-            guesses = [] if table is None else [table.layout, {"half": "interleaved", "interleaved": "half"}[table.layout]]
-            for q, k in candidates:
-                for layout in guesses:
-                    attempt = reading(q, k, layout)
-                    e = _mismatch(_expected(attempt, rows, coca_variant), received, rows)
-                    if e < err:
-                        out, err = attempt, e
-            eps = torch.finfo(received.q.dtype).eps if received.q.is_floating_point() else 1e-7
-            # Rounding of the layer's own rotation (a few ulps) and of its angles (p·θ in float32).
-            tol = 8 * eps + 2e-7 * (seq - 1)
-            if err > tol:
-                q, k = candidates[0]
-                plain = (q[0].transpose(0, 1).double()[:, rows], k[0].transpose(0, 1).double()[:, rows])
-                if seq > 1 and _mismatch(plain, received, rows) <= tol:
-                    if site.projections and not _norm_reads_projection(site, rec, seq):
-                        raise surgery.Unsupported(family, "norm_after_rotation")
-                    skipped[layer] = "applies no rotary rotation (a NoPE layer)"
-                    out = None
-                elif seq > 1 and table is None and _query_scaled_by_position(plain, received, rows) <= tol:
-                    skipped[layer] = "applies no rotary rotation (a NoPE layer; its queries are scaled by position)"
-                    out = None
-                elif out is not None and _normalised_after(_expected(out, rows, coca_variant), received, rows):
-                    raise surgery.Unsupported(family, "norm_after_rotation")
-                else:
-                    raise surgery.Unsupported(
-                        family, "unverified", f"layer {layer}: largest relative difference {err:.1e}"
-                    )
+            return reading(*candidates[0], table.layout)
+        best, err = None, float("inf")  # the (q, k, layout) guess closest to what was received
+        guesses = [] if table is None else [table.layout, {"half": "interleaved", "interleaved": "half"}[table.layout]]
+        for q, k in candidates:
+            for layout in guesses:
+                e = _mismatch(_expected(reading(q, k, layout, rows)), received)
+                if e < err:
+                    best, err = (q, k, layout), e
+        eps = torch.finfo(received.q.dtype).eps if received.q.is_floating_point() else 1e-7
+        # Rounding of the layer's own rotation (a few ulps) and of its angles (p·θ in float32),
+        # and what its table measurably deviates from its frequencies beyond that (each of
+        # cos and sin off by δ moves a rotated entry by at most 2δ of the largest entry).
+        deviation = matched[key].deviation if table is not None else 0.0
+        tol = 8 * eps + 2e-7 * (seq - 1) + 2 * deviation
+        if err <= tol:
+            return reading(*best)
+        q, k = candidates[0]
+        plain = (q[0, rows].transpose(0, 1).double(), k[0, rows].transpose(0, 1).double())
+        if seq > 1 and _mismatch(plain, received) <= tol:
+            if site.projections and not _norm_reads_projection(site, rec, seq):
+                raise surgery.Unsupported(family, "norm_after_rotation")
+            skipped[layer] = "applies no rotary rotation (a NoPE layer)"
+            return None
+        if seq > 1 and table is None and _query_scaled_by_position(plain, received) <= tol:
+            skipped[layer] = "applies no rotary rotation (a NoPE layer; its queries are scaled by position)"
+            return None
+        if best is not None and _normalised_after(_expected(reading(*best, rows)), received):
+            raise surgery.Unsupported(family, "norm_after_rotation")
+        raise surgery.Unsupported(family, "unverified", f"layer {layer}: largest relative difference {err:.1e}")
+
+    def on_done(layer: int) -> None:
+        # verified() has returned: the layer's projection outputs, rotation and candidate
+        # readings are freed, so while on_layer computes statistics only `out` holds its q/k.
+        out = verified(layer, store.pop(layer))
         if out is not None:
-            # One reduction each: a NaN or ±inf anywhere makes the sum non-finite.
-            if not all(torch.isfinite(x.sum(dtype=torch.float64)) for x in (out.q, out.k, out.q_pass, out.k_pass)):
+            if not all(_finite(x) for x in (out.q, out.k, out.q_pass, out.k_pass)):
                 raise UserError(
                     f"layer {layer} produced NaN or infinite queries/keys; run in float32 "
                     "(--dtype float32) or check the weights"

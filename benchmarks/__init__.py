@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (run as scripts: ``python benchmarks/NAME.py``); shared helpers."""
