@@ -48,9 +48,15 @@ _LAYER_PATHS = (
     "language_model.model.layers",
     "transformer.h",
     "transformer.layers",
+    "transformer.blocks",  # DBRX
+    "gpt_neox_japanese.layers",
 )
-# RecurrentGemma names each layer's mixer (attention or recurrence) "temporal_block".
-_ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention", "temporal_block")
+# RecurrentGemma names each layer's mixer (attention or recurrence) "temporal_block"; DBRX
+# nests its attention between two norms; Zamba2's hybrid layers call a shared transformer block.
+_ATTENTION_NAMES = (
+    "self_attn", "attention", "attn", "self_attention", "temporal_block", "norm_attn_norm.attn",
+    "shared_transformer.self_attn",
+)
 _NORM_NAMES = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
 # Modules of multi-head latent attention (DeepSeek-V2/V3, MiniCPM3, ...): the query and
 # key are rebuilt from low-rank latents, and RoPE acts on a separate decoupled part.
@@ -58,7 +64,7 @@ _MLA_NAMES = ("kv_a_proj_with_mqa", "kv_b_proj", "q_a_proj")
 _ROTARY_PATHS = ("model.rotary_emb", "gpt_neox.rotary_emb", "transformer.rotary_emb", "model.language_model.rotary_emb")
 _SIN_COS_HALF_WIDTH = {"GPTJAttention", "CodeGenAttention"}
 """Attention classes called with ``(sin, cos)``, each ``[..., seq, d_rot/2]``."""
-ROTATES_INSIDE = frozenset(_SIN_COS_HALF_WIDTH | {"FalconAttention"})
+ROTATES_INSIDE = frozenset(_SIN_COS_HALF_WIDTH | {"FalconAttention", "GPTNeoXJapaneseAttention"})
 """Attention classes that compute their scores themselves instead of calling transformers'
 attention interface, so the capture cannot watch the q/k they score with; their capture is
 proven by the rebuild tests (tests/test_probe.py, tests/test_families.py)."""
@@ -80,8 +86,13 @@ REFUSALS = {
     "norm_after_rotation": "normalises q/k after the rotary rotation, so no pre-rotation angle "
     "exists to probe",
     "not_text_only": "is not a text-only decoder (its forward needs inputs other than token ids)",
-    "unread_layout": "computes its query and key in a way the probe does not read yet (a fused "
-    "projection of an unknown layout, or queries routed through experts)",
+    "routed_queries": "routes each token's queries through attention experts chosen per token (a "
+    "mixture of attention heads), so a query head is a different projection from one token to the "
+    "next and has no fixed per-head geometry to probe",
+    "reused_layers": "runs the same attention layer more than once per forward pass (weights shared "
+    "across depth, or a looped stack), so a layer has no single query/key to probe",
+    "unread_layout": "computes its query and key in a way the probe does not read (a fused "
+    "projection of an unknown layout)",
     "unverified": "hands its attention q/k that the captured pre-RoPE q/k, rotated, do not reproduce",
 }
 """Why the probe refuses a model: category → the reason, as a user reads it."""
@@ -192,7 +203,7 @@ def attention_module(layer: nn.Module) -> nn.Module | None:
     """The self-attention module of one decoder layer, or ``None`` where the layer has none
     (the linear-attention or state-space layers of hybrid models)."""
     for name in _ATTENTION_NAMES:
-        attn = getattr(layer, name, None)
+        attn = _get(layer, name)
         if isinstance(attn, nn.Module):
             return attn
     return None
@@ -266,6 +277,9 @@ class AttentionSite:
     """Where the attention module computes its rotation itself (RecurrentGemma, Moshi) rather
     than receiving it as ``position_embeddings``: the child module whose ``(cos, sin)``
     output it applies."""
+    picks: tuple[int, ...] = ()
+    """Per source, which element of its output to read where it returns a tuple (default:
+    the first): ZAYA's q/k norm is one module returning ``(q, k)``, read as two sources."""
 
 
 @dataclass
@@ -281,8 +295,17 @@ class Sites:
 def _heads(config, attn: nn.Module) -> tuple[int, int, int]:
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(attn, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    return n_heads, n_kv, int(head_dim)
+    head_dim = int(getattr(attn, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // n_heads)
+    # A layer whose key projection says otherwise sets its own key heads (MiMo-V2-Flash's sliding
+    # layers have twice the config's).
+    k_width = getattr(getattr(attn, "k_proj", None), "out_features", None)
+    if isinstance(k_width, int) and k_width != n_kv * head_dim and k_width % head_dim == 0:
+        n_kv = k_width // head_dim
+    return n_heads, n_kv, head_dim
+
+
+def _is_mla(attn: nn.Module) -> bool:
+    return any(isinstance(getattr(attn, n, None), nn.Module) for n in _MLA_NAMES)
 
 
 def seq_major_candidates(x: Tensor, heads: int, head_dim: int, seq: int) -> list[Tensor]:
@@ -314,8 +337,12 @@ def attention_sites(model: nn.Module) -> Sites:
     family = model.config.model_type
     if not has_rope(model.config):
         raise Unsupported(family, "no_rope")
+    if getattr(config, "H_cycles", None) and getattr(config, "L_cycles", None):  # HRM
+        raise Unsupported(family, "reused_layers", "its two layer stacks are run in nested high- and "
+                          "low-level cycles, each layer several times per forward pass")
     sites, skipped = [], {}
     kinds = getattr(config, "layer_types", None) or []
+    seen: dict[int, int] = {}  # id(attention module) -> first layer using it
     for i, layer in enumerate(decoder_layers(model)):
         attn = attention_module(layer)
         # Hybrid models: a layer the config calls linear attention or a state-space block may
@@ -324,8 +351,18 @@ def attention_sites(model: nn.Module) -> Sites:
         if attn is None or any(w in kind for w in ("linear", "mamba", "conv", "recurrent")):
             skipped[i] = "no self-attention in this layer (linear attention or a state-space block)"
             continue
-        if any(isinstance(getattr(attn, n, None), nn.Module) for n in _MLA_NAMES):
+        if isinstance(attn, nn.ModuleList):  # several attention blocks in one layer (LongCat-Flash)
+            if any(_is_mla(a) for a in attn):
+                raise Unsupported(family, "mla")
+            raise Unsupported(family, "unread_layout", f"each layer holds {len(attn)} attention modules")
+        if _is_mla(attn):
             raise Unsupported(family, "mla")
+        if id(attn) in seen:  # Zamba2's shared transformer blocks
+            raise Unsupported(family, "reused_layers", f"layers {seen[id(attn)]} and {i} call one attention module")
+        seen[id(attn)] = i
+        experts = getattr(attn, "experts", None)
+        if isinstance(experts, nn.Module) and not isinstance(getattr(attn, "q_proj", None), nn.Module):
+            raise Unsupported(family, "routed_queries")  # JetMoE's mixture of attention heads
         if getattr(attn, "is_kv_shared_layer", False):  # Gemma 3n / Gemma 4 (E2B, E4B)
             skipped[i] = "reuses the keys of an earlier layer (KV sharing) and computes none of its own"
             continue
@@ -336,7 +373,13 @@ def attention_sites(model: nn.Module) -> Sites:
             None,
         )
         projections: tuple[nn.Module, ...] = ()
-        if norms is not None:
+        picks: tuple[int, ...] = ()
+        pair_norm = getattr(attn, "qk_norm", None)
+        if norms is None and isinstance(pair_norm, nn.Module) and len(inspect.signature(pair_norm.forward).parameters) == 2:
+            # ZAYA: one module takes q and k, normalises both, returns (q [b, s, h, d], k [b, s, kv, d]).
+            # (Llama 4's one-argument qk_norm is applied to each, after the rotation.)
+            sources, split, picks = (pair_norm, pair_norm), _separate(n_heads, n_kv, head_dim), (0, 1)
+        elif norms is not None:
             sources, split = norms, _separate(n_heads, n_kv, head_dim)
             if all(isinstance(getattr(attn, n, None), nn.Module) for n in ("q_proj", "k_proj")):
                 projections = (attn.q_proj, attn.k_proj)
@@ -351,13 +394,15 @@ def attention_sites(model: nn.Module) -> Sites:
             sources, split = (attn.qkv_proj,), _codegen_split(n_heads, head_dim, attn.mp_num)
         elif isinstance(getattr(attn, "qkv_proj", None), nn.Module):
             sources, split = (attn.qkv_proj,), _concat_split(n_heads, n_kv, head_dim)
+        elif isinstance(getattr(attn, "Wqkv", None), nn.Module):  # DBRX, which may clip q/k/v
+            sources, split = (attn.Wqkv,), _concat_split(n_heads, n_kv, head_dim, getattr(attn, "clip_qkv", None))
         else:
             raise Unsupported(family, "unread_layout", type(attn).__name__)
         scale = getattr(attn, "scaling", None) or head_dim**-0.5
         rotary = getattr(attn, "rotary_emb", None)
         sites.append(AttentionSite(
             i, attn, sources, split, n_heads, n_kv, head_dim, float(scale), projections,
-            rotary if isinstance(rotary, nn.Module) else None,
+            rotary if isinstance(rotary, nn.Module) else None, picks,
         ))
     if not sites:
         raise Unsupported(family, "no_rope", "no decoder layer has self-attention")
@@ -405,10 +450,13 @@ def _falcon_split(n_heads: int, n_kv: int, head_dim: int, grouped: bool):
     return split
 
 
-def _concat_split(n_heads: int, n_kv: int, head_dim: int):
-    # Phi-3 concatenates all queries, then all keys, then all values.
+def _concat_split(n_heads: int, n_kv: int, head_dim: int, clip: float | None = None):
+    # Phi-3 and DBRX concatenate all queries, then all keys, then all values; DBRX clamps the
+    # whole projection to [-clip, clip] first.
     def split(outs: tuple[Tensor, ...], seq: int) -> list[tuple[Tensor, Tensor]]:
         (qkv,) = outs
+        if clip is not None:
+            qkv = qkv.clamp(-clip, clip)
         nq = n_heads * head_dim
         q = qkv[..., :nq]
         k = qkv[..., nq : nq + n_kv * head_dim]

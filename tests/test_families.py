@@ -21,10 +21,7 @@ from anomaly.probe.activations import capture
 
 warnings.filterwarnings("ignore")
 
-NOT_BUILT = set(families.NOT_BUILT) | {
-    "cohere_compass_text", "dbrx", "dots3_note", "gemma3n", "gemma3n_text",
-    "lfm2_moe", "qwen4_exp", "qwen4_exp_text", "zamba2",
-}
+NOT_BUILT = set(families.NOT_BUILT)
 """Families whose tiny config (anomaly.probe.families.SIZES) transformers does not build here;
 docs/families.md lists them as not checked. A family that starts building must leave this set."""
 
@@ -137,3 +134,26 @@ def test_untampered_capture_restores_attention():
     cap = capture(model, torch.arange(3, 19))
     assert len(cap.layers) == 2 and not cap.skipped
     assert model.config._attn_implementation == "eager" and not activations._WATCHED
+
+
+@pytest.mark.parametrize("model_type, category", [
+    ("jetmoe", "routed_queries"),  # mixture of attention heads
+    ("hrm_text", "reused_layers"),  # looped layer stacks
+    ("longcat_flash", "mla"),  # two MLA blocks per layer
+])
+def test_refusals_name_the_architecture(model_type, category):
+    assert families.check_family(model_type).category == category
+
+
+def test_dbrx_clipped_qkv_rebuilds():
+    """DBRX clamps its fused projection before the rotation; the tiny model's clip bites."""
+    model = families.tiny_model("dbrx")
+    site = surgery.attention_sites(model).sites[0]
+    outs = []
+    handle = site.sources[0].register_forward_hook(lambda m, a, out: outs.append(out))
+    with torch.no_grad():
+        model(torch.arange(3, 27)[None])
+    handle.remove()
+    assert outs[0].abs().max() > site.attention.clip_qkv  # entries were clipped
+    result = families.check_family("dbrx", model=model)
+    assert result.supported and result.max_error < families.TOLERANCE

@@ -303,9 +303,9 @@ def _watch_attention(model: nn.Module, report: dict[int, Callable[[Tensor, Tenso
 def _hooks(sites: list[surgery.AttentionSite], store: dict, on_done: Callable[[int], None]) -> Iterator[None]:
     handles = []
 
-    def save_output(layer: int, slot: int):
+    def save_output(layer: int, slot: int, pick: int = 0):
         def hook(module, args, output):
-            out = output[0] if isinstance(output, tuple) else output
+            out = output[pick] if isinstance(output, tuple) else output
             store.setdefault(layer, {})[slot] = out.detach()
 
         return hook
@@ -339,7 +339,8 @@ def _hooks(sites: list[surgery.AttentionSite], store: dict, on_done: Callable[[i
     try:
         for site in sites:
             for slot, module in enumerate(site.sources):
-                handles.append(module.register_forward_hook(save_output(site.index, slot)))
+                pick = site.picks[slot] if site.picks else 0
+                handles.append(module.register_forward_hook(save_output(site.index, slot, pick)))
             for slot, module in enumerate(site.projections):
                 handles.append(module.register_forward_hook(save_output(site.index, f"projection{slot}")))
                 handles.append(site.sources[slot].register_forward_pre_hook(save_input(site.index, f"norm_input{slot}")))

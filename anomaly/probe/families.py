@@ -98,6 +98,48 @@ OVERRIDES: dict[str, dict] = {
     },
     "zaya": {"num_experts_per_tok": 1},  # the only value ZAYA accepts
     "dots3_note_text": {"num_key_value_heads": 4},  # must equal the query heads
+    # Its vision and audio encoders are built with the model: shrunk, adapters to the text width.
+    "dots3_note": {
+        "vision_config": {
+            "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "moe_intermediate_size": 16, "num_local_experts": 2, "adapter_in_dim": 32, "adapter_out_dim": 64,
+            "per_layer_config": {},
+        },
+        "audio_config": {
+            "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "downsample_hidden_size": 16, "adapter_input_size": 32, "adapter_out_dim": 64,
+        },
+    },
+    # DBRX keeps its attention sizes in a sub-config; its checkpoints' attn_config carries the
+    # rope_theta the model reads (the config class itself declares none). QKV clipping on, as
+    # in DBRX's checkpoints (clip_qkv=8): small enough here that some entries are clipped.
+    "dbrx": {
+        "attn_config": {"kv_n_heads": 2, "clip_qkv": 0.2, "rope_theta": 10000.0},
+        "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2},
+    },
+    # Its rotary module reads RoPE parameters per layer type; the default config holds one flat set.
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    # The default leaves layer_types to be filled in by the checkpoint: one conv, one attention.
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    # Two hybrid layers (a state-space block plus the shared attention block, called at both), RoPE on.
+    "zamba2": {
+        "layers_block_type": ["hybrid", "hybrid"], "n_mamba_heads": 8, "mamba_d_state": 16,
+        "adapter_rank": 8, "use_mem_rope": True,
+    },
+    # Qwen4-Exp's attention layers are "indexed": a QSA indexer picks which key blocks each query
+    # sees. A budget covering all the test's tokens keeps the mask causal, so the rebuild (which
+    # does not rerun the indexer) compares like with like; the q/k read are the same either way.
+    "qwen4_exp_text": {
+        "layer_types": ["linear_attention", "indexed_attention"], "hc_count": 2, "hc_lowrank": 8,
+        "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 32,
+        "indexer_compress_ratio": 4,
+    },
+    # Gemma 3n: KV sharing in the second half (as in E2B/E4B), AltUp and LAuReL shrunk.
+    "gemma3n_text": {
+        "layer_types": ["sliding_attention", "full_attention"] * 2, "num_hidden_layers": 4,
+        "num_kv_shared_layers": 2, "activation_sparsity_pattern": [0.0] * 4, "laurel_rank": 8,
+        "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 128, "altup_num_inputs": 2,
+    },
     # Gemma 4 E2B/E4B-style KV sharing: the last two layers reuse the first two's keys.
     "gemma4_text": {
         "layer_types": ["sliding_attention", "full_attention"] * 2, "num_hidden_layers": 4,
@@ -110,6 +152,8 @@ OVERRIDES: dict[str, dict] = {
 NOT_BUILT: dict[str, str] = {
     "blt": "byte latent transformer: four sub-models (patcher, local encoder and decoder, global "
     "transformer) whose default sizes take gigabytes; not shrunk here",
+    "gemma3n": "its vision tower is a timm model and timm is not installed here (not a dependency of this "
+    "project); its text decoder is checked as gemma3n_text",
 }
 """Families :func:`check_built` does not build, with the reason."""
 
@@ -171,7 +215,8 @@ def tiny_config(model_type: str):
     if text_cls is cls:
         return cls(**_sizes(cls, model_type))
     top = {k: v for k, v in _sizes(cls, model_type).items() if k not in ("num_hidden_layers",)}
-    return cls(text_config=_sizes(text_cls, model_type), **top)
+    # The text part takes its own family's overrides (qwen4_exp's text part: qwen4_exp_text's).
+    return cls(text_config=_sizes(text_cls, text_cls.model_type), **top)
 
 
 def tiny_model(model_type: str, seed: int = 0) -> nn.Module:
