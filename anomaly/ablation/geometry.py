@@ -53,18 +53,11 @@ def slack_spread(model: torch.nn.Module, input_ids: Tensor, train_length: int, m
     contents at distances 1, T/8 and T/2, scored with the key at every 8th absolute
     position below ``max_length`` (the longest evaluation length).
     """
-    from anomaly.coca.geometry import measure, summarise
+    from anomaly.coca.geometry import measure
+    from anomaly.probe.core import SLACK_PAIRS
+    from anomaly.probe.result import SlackGeometry
 
     distances = sorted({1, max(1, train_length // 8), max(1, train_length // 2)})
     positions = torch.arange(0, max_length, 8)
-    layers = measure(model, input_ids, distances=distances, positions=positions, pairs=64)
-    return {
-        **summarise(layers),
-        "per_layer": [{"layer": r.layer, "relative_spread": r.relative_spread,
-                       "case_d_fraction": r.case_d_fraction} for r in layers],
-        "distances": distances,
-        "positions": f"0..{max_length - 1} step 8",
-        "definition": "per layer and distance: median (and p90) over heads and 64 real content pairs "
-                      "of (max − min over absolute positions of the slack score) / mean |relative part|; "
-                      "0 for a relative score (RoPE, strict CoCA)",
-    }
+    layers = measure(model, input_ids, distances=distances, positions=positions, pairs=SLACK_PAIRS)
+    return SlackGeometry(layers, distances, f"0..{max_length - 1} step 8", SLACK_PAIRS).to_json()

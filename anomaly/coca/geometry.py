@@ -25,7 +25,6 @@ CoCA would start from when dropped into that model, not that of a trained CoCA m
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -166,7 +165,7 @@ OWNER = "anomaly.coca.geometry"
 
 def main(argv: Sequence[str] | None = None) -> int | None:
     from anomaly import model_surgery
-    from anomaly.cli import ArgumentParser, transformers_bars
+    from anomaly.cli import ArgumentParser, check_rope_config, layer_progress, transformers_bars
     from anomaly.corpus import default_document
     from anomaly.io import write_json
     from anomaly.models import BUNDLED, load_config, load_model, load_tokenizer
@@ -194,13 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     target = claim_file(args.json, OWNER, flag="--json") if args.json else None
     name = args.model or BUNDLED
     config = load_config(name)
-    if not model_surgery.has_rope(config):
-        raise UserError(f"{name} ({config.model_type}) has no rotary position embedding (RoPE); "
-                        "CoCA's geometry is measured on a RoPE model's contents, pick a RoPE model")
-    max_pos = model_surgery.max_positions_of(config)
-    if max_pos and args.tokens > max_pos:
-        raise UserError(f"--tokens {args.tokens} exceeds the model's {max_pos} positions; "
-                        f"use --tokens {max_pos} or fewer")
+    check_rope_config(name, config, args.tokens, "CoCA's geometry is measured on a RoPE model's contents")
     with transformers_bars(enabled=not args.quiet):
         tok = load_tokenizer(name)
         text = default_document()
@@ -209,23 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int | None:
             raise UserError(f"--tokens {args.tokens} exceeds the {ids.shape[1]} tokens of {text.name}; "
                             f"use --tokens {ids.shape[1]} or fewer")
         model = load_model(name, "cpu", "float32", tokenizer=tok).model
+    # load_model has re-applied CoCA to a checkpoint saved with save_pretrained.
     variant = getattr(model.config, "coca_variant", None)
-    if variant is not None:  # a CoCA checkpoint saved with save_pretrained
-        from anomaly.coca.hf import to_coca
-
-        to_coca(model, variant)
     positions = torch.arange(0, args.positions, 16)
-    bar = None
-    if not args.quiet:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=model_surgery.text_config(config).num_hidden_layers, desc="layers", unit="layer")
-    try:
+    with layer_progress(model_surgery.text_config(config).num_hidden_layers, "layers", enabled=not args.quiet) as progress:
         layers = measure(model, ids, distances=args.distances, positions=positions, pairs=args.pairs,
-                         progress=(lambda _: bar.update(1)) if bar else None)
-    finally:
-        if bar is not None:
-            bar.close()
+                         progress=progress)
     source = f"trained CoCA ({variant})" if variant else "unconverted: k_proj stands in for T"
     print(f"Slack CoCA geometry of {name} ({source}), {ids.shape[1]} tokens of Hamlet")
     print("| layer | " + " | ".join(f"spread/|rel| @ s={s} (median, p90)" for s in args.distances) + " | case-(d) share |")
@@ -235,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int | None:
         print(f"| {r.layer} | {cells} | {sum(r.case_d_fraction) / len(r.case_d_fraction):.3f} |")
     summary = summarise(layers)
     overall, case_d = summary["overall_median_spread"], summary["mean_case_d_share"]
-    print(f"median over layers of the per-layer median spread/|relative|: "
+    print("median over layers of the per-layer median spread/|relative|: "
           + ", ".join(f"s={s}: {v:.2f}" for s, v in overall.items())
           + f"; mean slack case-(d) share: {case_d:.3f} (strict: 0)")
     if target is not None:

@@ -93,9 +93,10 @@ class Capture:
     """
 
     layers: list[LayerCapture]
-    """One record per decoder layer, in order."""
+    """One record per probed decoder layer, in order (the others are in :attr:`skipped`)."""
     layout: str
-    """``"half"`` or ``"interleaved"`` (docs/conventions.md §1), read off the model's rotary table."""
+    """``"half"`` or ``"interleaved"`` (docs/conventions.md §1): the layout the layers apply
+    their rotation in."""
     positions: Tensor
     """``[seq]`` the position ids the model used."""
     n_heads: int

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from anomaly.cli import ArgumentParser, UserError, run_main, transformers_bars
+from anomaly.cli import ArgumentParser, UserError, check_rope_config, layer_progress, run_main, transformers_bars
 from anomaly.io import Provenance, write_json
 from anomaly.outputs import OutputDir, claim
 from anomaly.probe.result import ProbeResult
@@ -104,14 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtype = resolve_dtype(args.dtype, device)
     ablation = find_checkpoint(args.model)  # a checkpoint of python -m anomaly.ablation, or None
     config = ablation.hf_config() if ablation else load_config(args.model)  # cheap checks before loading weights
-    if not model_surgery.has_rope(config):
-        raise UserError(
-            f"{args.model} ({config.model_type}) has no rotary position embedding (RoPE); "
-            "the probe measures RoPE's initial angles, pick a RoPE model"
-        )
-    max_pos = model_surgery.max_positions_of(config)
-    if max_pos and args.tokens > max_pos:
-        raise UserError(f"--tokens {args.tokens} exceeds the model's {max_pos} positions; use --tokens {max_pos} or fewer")
+    check_rope_config(args.model, config, args.tokens, "the probe measures RoPE's initial angles")
     with transformers_bars(enabled=not args.quiet):
         tokenizer = ablation.tokenizer() if ablation else load_tokenizer(args.model)
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
@@ -125,18 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             loaded = load_model(args.model, device, dtype, tokenizer=tokenizer)
         load_s = time.perf_counter() - t0
 
-    bar = None
-    if not args.quiet:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=model_surgery.config_of(loaded.model).num_hidden_layers, desc="probe layers", unit="layer")
     t0 = time.perf_counter()
-    try:
+    layers = model_surgery.config_of(loaded.model).num_hidden_layers
+    with layer_progress(layers, "probe layers", enabled=not args.quiet) as progress:
         result = probe(loaded.model, ids, bins=args.bins, train_length=args.train_length,
-                       model_name=args.model, progress=(lambda _: bar.update(1)) if bar else None)
-    finally:
-        if bar is not None:
-            bar.close()
+                       model_name=args.model, progress=progress)
     probe_s = time.perf_counter() - t0
 
     # No timings in the summary: they change on every run, and the summary is committed

@@ -115,6 +115,10 @@ def layer_statistics(layer: LayerCapture, bins: int, zero_angle_tol: float = 0.0
     return {key: v.detach().cpu().numpy() for key, v in out.items()}
 
 
+SLACK_PAIRS = 64
+"""Content pairs per layer and distance for a slack model's position dependence."""
+
+
 def _slack_setup(tokens: int, train_length: int) -> tuple[list[int], torch.Tensor, str]:
     """Distances, absolute key positions and their description for a slack model's
     position dependence: distances 1, T/8 and T/2; positions over the longer of the probed
@@ -184,8 +188,8 @@ def probe(
             raise RuntimeError(f"layer {layer.index} was captured as {layer.coca_variant or 'RoPE'}, "
                                f"but the model is {kind}")
         if variant == "slack":  # from the raw projections
-            slack_layers.append(measure_layer(layer, distances=distances, positions=positions, pairs=64,
-                                              generator=generator))
+            slack_layers.append(measure_layer(layer, distances=distances, positions=positions,
+                                              pairs=SLACK_PAIRS, generator=generator))
         if variant is not None:
             layer = effective_layer(layer)
         per_layer.append(layer_statistics(layer, bins, tol))
@@ -223,7 +227,7 @@ def probe(
         weighted_anomalous_fraction=arrays["weight_d"].sum(-1) / np.maximum(arrays["weight_all"].sum(-1), 1e-300),
         logit_peak_distance=1 + arrays["mean_logit"][:, :, 1 : peak_window + 1].argmax(-1),
         rotations=analytic.rotations(torch.from_numpy(arrays["inv_freq"]), train).numpy(),
-        slack=SlackGeometry(slack_layers, distances, described) if variant == "slack" else None,
+        slack=SlackGeometry(slack_layers, distances, described, SLACK_PAIRS) if variant == "slack" else None,
         definitions=definitions(kind),
         **arrays,
     )

@@ -31,6 +31,8 @@ class SlackGeometry:
     """Query–key distances the spread is measured at."""
     positions: str
     """The absolute key positions scored, e.g. ``"0..2047 step 8"``."""
+    pairs: int
+    """Real (query, key) content pairs drawn per layer and distance."""
 
     def to_json(self) -> dict:
         return {
@@ -39,9 +41,9 @@ class SlackGeometry:
                            "case_d_fraction": r.case_d_fraction} for r in self.layers],
             "distances": self.distances,
             "positions": self.positions,
-            "definition": "per layer and distance: median (and p90) over heads and content pairs of "
-                          "(max − min over absolute positions of the slack score) / mean |relative part|; "
-                          "0 for a relative score (RoPE, strict CoCA)",
+            "definition": f"per layer and distance: median (and p90) over heads and {self.pairs} real content "
+                          "pairs of (max − min over absolute positions of the slack score) / mean |relative "
+                          "part|; 0 for a relative score (RoPE, strict CoCA)",
         }
 
 
