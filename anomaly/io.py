@@ -128,8 +128,8 @@ class Provenance:
     """The command line or notebook that produced the result."""
     model: str | None = None
     """Model name, hub id or path; ``None`` for analytic results."""
-    seed: int | None = None
-    """Random seed, when randomness was involved."""
+    seed: int | list[int] | None = None
+    """Random seed (or seeds), when randomness was involved."""
     code: dict[str, str] = field(default_factory=dict)
     """Source file (relative to the repository) -> first 12 hex digits of its SHA-256, for
     every toolkit file the producer imports (:func:`code_version`)."""

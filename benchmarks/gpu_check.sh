@@ -12,7 +12,10 @@
 #   3. the probe on a random-weight LLaMA-7B-shaped model, bf16, 4096 tokens, beside a bare
 #      forward with and without the LM head (benchmarks/probe_speed.py --random-llama-7b);
 #   4. CoCA vs vanilla attention at 4K-32K tokens, forward and backward
-#      (benchmarks/coca_speed.py --device cuda).
+#      (benchmarks/coca_speed.py --device cuda);
+#   5. the ablation's gpu preset on the GPU: 300 steps of rope and of strict CoCA, one seed,
+#      evaluated without scaling; its training tok/s sizes the full preset (3 variants ×
+#      3 seeds × 2000 steps must fit 8 minutes).
 # Then one table: step, status, seconds, headline; and each step's own table below it.
 #
 # Needs: python with torch (CUDA build), transformers, numpy, numba and pytest. The package
@@ -54,12 +57,14 @@ if (( DRY_RUN )); then
   export ANOMALY_GPU_TESTS_DEVICE=cpu  # the GPU tests run with the CPU standing in
   PROBE_ARGS=(--device cpu --random-llama-7b --layers 1 --tokens 128 --repeats 1 --no-details)
   COCA_ARGS=(--device cpu --lengths 256 512 --repeats 1 --backward-max 512)
-  LIMITS=(60 300 300 300)
+  ABLATION_ARGS=(--preset smoke --device cpu --steps 6)
+  LIMITS=(60 300 300 300 300)
 else
   DEV=cuda
   PROBE_ARGS=(--device cuda --random-llama-7b --tokens 4096 --repeats 3 --no-details)
   COCA_ARGS=(--device cuda --lengths 4096 8192 16384 32768 --backward-max 32768)
-  LIMITS=(20 120 180 150)  # 470 s in all: within 8 minutes
+  ABLATION_ARGS=(--preset gpu --device cuda --steps 300)
+  LIMITS=(20 100 150 120 90)  # 480 s in all: within 8 minutes
 fi
 
 SUMMARY=()
@@ -105,16 +110,20 @@ run probe-7b "${LIMITS[2]}" 'probe / forward' "$PYTHON" benchmarks/probe_speed.p
 
 run coca "${LIMITS[3]}" '\| (strict|slack) \|' "$PYTHON" benchmarks/coca_speed.py "${COCA_ARGS[@]}"
 
+run ablation "${LIMITS[4]}" 'tok/s' "$PYTHON" -m anomaly.ablation "${ABLATION_ARGS[@]}" \
+  --variants rope coca_strict --seeds 1 --set eval.scalings=none --no-probe --no-figures \
+  --out "$LOGS/ablation_run"
+
 {
   echo "GPU check ($DEV$( (( DRY_RUN )) && echo ', dry run at tiny sizes')), logs in $LOGS"
   echo
   echo "| step | status | seconds | headline |"
   echo "| --- | --- | ---: | --- |"
   printf '%s\n' "${SUMMARY[@]}"
-  for name in environment probe-7b coca; do
+  for name in environment probe-7b coca ablation; do
     echo
     echo "### $name"
-    grep -E '^(\||machine|model|device|torch|CoCA|[0-9]+ tokens)' "$LOGS/$name.log" || echo "(no table: see $LOGS/$name.log)"
+    grep -E '^(\||machine|model|device|torch|CoCA|[0-9]+ tokens|\[.*(/300 |/6 ).*tok/s)' "$LOGS/$name.log" || echo "(no table: see $LOGS/$name.log)"
   done
 } | tee "$LOGS/summary.md"
 

@@ -1,11 +1,15 @@
-"""Shared fixtures: tiny random HF decoders of every RoPE family we support.
+"""Shared fixtures: tiny random HF decoders of every RoPE family we support, and the
+ablation's smoke run (:func:`smoke_run`).
 
 Tiny models are for unit tests only; real-model tests use the bundled SmolLM2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -82,3 +86,32 @@ def smollm2():
     model.eval()
     model.tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
     return model
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread inside the block: on a few cores shared with other work, two
+    threads that wait for each other are about twice as slow as one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """``python -m anomaly.ablation --preset smoke --out DIR`` (probe and figures included),
+    run in-process once per test session; returns DIR.
+
+    Shared by every ablation test file: tests may read it and rerun the same command in
+    it, but must leave it as they found it (remove any file they add).
+    """
+    from anomaly.ablation.__main__ import main as ablation_main
+    from anomaly.cli import run_main
+
+    out = tmp_path_factory.mktemp("ablation") / "smoke"
+    with one_torch_thread():
+        assert run_main(ablation_main, ["--preset", "smoke", "--out", str(out)]) == 0
+    return out

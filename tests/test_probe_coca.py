@@ -148,36 +148,81 @@ def test_cli_probes_a_saved_coca_model(variant, tmp_path, monkeypatch, capsys):
     assert f"CoCA {variant}" in capsys.readouterr().out
 
 
-def test_cli_probes_ablation_checkpoints(tmp_path, monkeypatch, capsys):
-    """A run directory of the ablation (config.json, <variant>/checkpoint): each variant is
-    recognised as what it is; strict's share is exactly 0."""
+def _ablation_run(tmp_path, monkeypatch, seeds=(0, 1)):
+    """A run directory of the ablation (config.json, results.json, <variant>/seed<s>/checkpoint)
+    whose models are "trained" (weights moved off their initialisation, differently per seed).
+
+    Returns the run directory and ``{(variant, seed): state dict}``.
+    """
     from anomaly.ablation import data
     from anomaly.ablation.config import VARIANTS as ABLATION_VARIANTS, get_preset
+    from anomaly.ablation.run import seed_dir
     from anomaly.ablation.train import CHECKPOINT, TrainState, build_model, save_checkpoint
     from anomaly.io import write_json
-    from anomaly.probe.cli import entry
 
     config = get_preset("smoke")
     run = tmp_path / "run"
-    write_json(run / "config.json", config.to_dict())
+    write_json(run / "config.json", config.to_dict(), digits=None)
     vocab = config.model.vocab_size
     write_json(run / "results.json", {"vocab_hf_ids": [-1, -1, *range(2, vocab)]})
     # The run's vocabulary maps SmolLM2 ids; a character tokenizer stands in for SmolLM2's.
     monkeypatch.setattr(data, "load_tokenizer", lambda: _CharTokenizer(vocab))
-    shares = {}
+    weights = {}
     for variant in ABLATION_VARIANTS:
-        torch.manual_seed(7)
-        model = build_model(config, variant)
-        with torch.no_grad():  # "trained": move the weights off their shared initialisation
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        save_checkpoint(run / variant / CHECKPOINT, model, None, TrainState(step=config.train.steps))
+        for seed in seeds:
+            model = build_model(config, variant, seed)
+            torch.manual_seed(7 + seed)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+            save_checkpoint(seed_dir(run, variant, seed) / CHECKPOINT, model, None, TrainState(step=config.train.steps))
+            weights[variant, seed] = {k: v.clone() for k, v in model.state_dict().items()}
+    return run, weights
+
+
+def test_find_checkpoint_accepts_a_seed_its_checkpoint_and_a_variant(tmp_path, monkeypatch):
+    from anomaly.ablation.checkpoint import find_checkpoint
+
+    run, weights = _ablation_run(tmp_path, monkeypatch)
+    (run / "rope" / "seed9").mkdir()  # an unfinished seed: no checkpoint yet
+    (run / "rope" / "notes").mkdir()
+    for given, seed, lowest in [(run / "rope" / "seed1" / "checkpoint", 1, ()), (run / "rope" / "seed1", 1, ()),
+                                (run / "rope", 0, (0, 1))]:
+        found = find_checkpoint(str(given))
+        assert (found.run, found.variant, found.seed, found.lowest_of) == (run, "rope", seed, lowest), given
+        assert found.path == run / "rope" / f"seed{seed}" / "checkpoint"
+        assert f"seed {seed}" in found.note and ("lowest" in found.note) == bool(lowest)
+        model = found.load(torch.device("cpu"), torch.float32).model
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, weights["rope", seed][k]), (given, k)
+    assert find_checkpoint("smollm2-135m") is None
+    assert find_checkpoint(str(run)) is None  # the run itself holds three variants: name one
+    assert find_checkpoint(str(run / "rope" / "seed9")) is None
+    (run / "coca_slack" / "seed0" / "checkpoint" / "state.json").unlink()
+    (run / "coca_slack" / "seed1" / "checkpoint" / "state.json").unlink()
+    assert find_checkpoint(str(run / "coca_slack")) is None
+
+
+def test_cli_probes_ablation_checkpoints(tmp_path, monkeypatch, capsys):
+    """Each variant of an ablation run, named in each accepted way, is recognised as what
+    it is; strict's share is exactly 0."""
+    from anomaly.ablation.config import get_preset
+    from anomaly.probe.cli import entry
+
+    config = get_preset("smoke")
+    run, _ = _ablation_run(tmp_path, monkeypatch)
+    named = {"rope": (run / "rope", 0), "coca_slack": (run / "coca_slack" / "seed1", 1),
+             "coca_strict": (run / "coca_strict" / "seed1" / "checkpoint", 1)}
+    shares = {}
+    for variant, (given, seed) in named.items():
         out = tmp_path / f"probe-{variant}"
-        rc = entry(["--model", str(run / variant / CHECKPOINT), "--tokens", "48", "--out", str(out),
-                    "--quiet", "--no-figures", "--device", "cpu"])
+        rc = entry(["--model", str(given), "--tokens", "48", "--out", str(out), "--quiet", "--no-figures",
+                    "--device", "cpu"])
         assert rc == 0, capsys.readouterr().err
         summary = _summary(out)
         assert summary["kind"] == variant
+        assert summary["source"] == str(run / variant / f"seed{seed}" / "checkpoint")
+        assert f"seed {seed}" in summary["note"] and ("lowest" in summary["note"]) == (variant == "rope")
         assert np.asarray(summary["anomalous_fraction"]).shape == (config.model.num_layers, config.model.num_heads)
         shares[variant] = summary["mean_anomalous_fraction"]
     assert shares["coca_strict"] == 0
@@ -189,8 +234,12 @@ def test_cli_refuses_a_checkpoint_outside_a_run(tmp_path, capsys):
     from anomaly.ablation.train import CHECKPOINT, TrainState, build_model, save_checkpoint
     from anomaly.probe.cli import entry
 
-    ckpt = tmp_path / "rope" / CHECKPOINT
-    save_checkpoint(ckpt, build_model(get_preset("smoke"), "rope"), None, TrainState())
-    rc = entry(["--model", str(ckpt), "--out", str(tmp_path / "out"), "--quiet"])
-    err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error:") and "config.json" in err and "Traceback" not in err
+    model = build_model(get_preset("smoke"), "rope")
+    seeded = tmp_path / "a" / "rope" / "seed0" / CHECKPOINT  # no a/config.json
+    old_layout = tmp_path / "b" / "rope" / CHECKPOINT  # before seeds: <run>/<variant>/checkpoint
+    for ckpt, words in [(seeded, "config.json"), (old_layout, "seed<s>")]:
+        save_checkpoint(ckpt, model, None, TrainState())
+        rc = entry(["--model", str(ckpt), "--out", str(tmp_path / "out"), "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error:") and words in err and len(err.strip().splitlines()) == 1, err
+        assert "Traceback" not in err and not (tmp_path / "out").exists()

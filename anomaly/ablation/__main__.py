@@ -1,8 +1,11 @@
 """``python -m anomaly.ablation --preset smoke|cpu|gpu --out DIR``: the slack-vs-strict ablation.
 
-Trains ``rope``, ``coca_slack`` and ``coca_strict`` from scratch with identical settings,
-evaluates perplexity and passkey retrieval at 1×–16× the training length with and without
-dynamic NTK, probes the trained models' anomalous fractions, and writes ``DIR/results.json``.
+Trains ``rope``, ``coca_slack`` and ``coca_strict`` from scratch with identical settings from
+each of ``--seeds`` seeds, evaluates perplexity and passkey retrieval (length × depth) at
+1×–16× the training length with and without dynamic NTK, follows each model's retrieval
+head, probes the trained models' anomalous fractions, and writes ``DIR/results.json`` with
+95 % intervals. ``torchrun --nproc_per_node N -m anomaly.ablation …`` trains with DDP
+(each process takes 1/N of every batch; rank 0 evaluates and writes).
 Re-running the same command resumes an interrupted or time-limited run; files in DIR
 that are not the run's own are left alone. The figures land in
 ``DIR/figures``; ``python -m anomaly.ablation.plots DIR/results.json --out figures``
@@ -16,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from anomaly.ablation.config import PRESETS, VARIANTS, get_preset
+from anomaly.ablation.config import PRESETS, VARIANTS, get_preset, override
+from anomaly.ablation.distributed import world_from_env
 from anomaly.ablation.run import run
 from anomaly.cli import ArgumentParser, UserError, run_main
 from anomaly.models import resolve_device
@@ -35,6 +39,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop (after a checkpoint) once this many minutes have passed; rerun to resume")
     p.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="train every variant from seeds 0 … N-1 (default: the preset's, 3 for cpu)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="change one setting of the preset, e.g. --set model.head_dim=64 (repeatable; "
+                        "a run with changed settings is a diagnostic, not the preset)")
     p.add_argument("--no-probe", action="store_true", help="skip the anomalous-fraction probe")
     p.add_argument("--no-figures", action="store_true", help="do not write DIR/figures at the end")
     return p.parse_args(argv)
@@ -50,6 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.steps < 1:
             raise UserError(f"--steps must be positive, got {args.steps}")
         config = config.with_steps(args.steps)
+    for assignment in args.set:
+        config = override(config, assignment)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise UserError(f"--seeds must be positive, got {args.seeds}")
+        config = config.with_seeds(args.seeds)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         raise UserError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -60,13 +75,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.preset == "gpu" and device.type == "cpu" and args.device != "cpu":
         raise UserError("--preset gpu would train for many hours on a CPU (no CUDA GPU is visible); "
                         "pass --device cpu to run it anyway, or use --preset cpu")
-    # The run folder's top-level entries; anything else in --out is left alone.
-    names = ["config.json", "cache", "results.json", "figures", *args.variants]
-    claim(args.out, OWNER, names).adopt()
+    world = world_from_env()
+    world.check_split(config.train.batch_size)  # every rank, before rank 0 writes anything
+    if world.main:
+        # The run folder's top-level entries; anything else in --out is left alone.
+        names = ["config.json", "cache", "results.json", "figures", *args.variants]
+        claim(args.out, OWNER, names).adopt()
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
+    log = (lambda s: print(s, flush=True)) if world.main else (lambda s: None)
     results = run(config, args.out, variants=args.variants, device=str(device), deadline=deadline,
-                  probe=not args.no_probe, figures=not args.no_figures, log=lambda s: print(s, flush=True))
-    return 0 if results is not None else 3
+                  probe=not args.no_probe, figures=not args.no_figures, world=world, log=log)
+    return 0 if results is not None or not world.main else 3
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 One :class:`AblationConfig` fixes everything a run depends on (model shape, data, training,
 evaluation, seeds). All three variants (``rope``, ``coca_slack``, ``coca_strict``) are
-trained with the same config: same initial weights, same batches in the same order, same
-number of steps. The config is written into ``results.json`` and into the output
-directory, and a resumed run refuses to continue under a different one.
+trained with the same config, once per seed: for one seed every variant starts from the same
+initial weights and sees the same batches in the same order for the same number of steps.
+The config is written into ``results.json`` and into the output directory, and a resumed
+run refuses to continue under a different one.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class ModelConfig:
     ``<unk>`` and ``<eos>`` (see :mod:`anomaly.ablation.data`)."""
     rope_theta: float = 10000.0
     """RoPE base; the paper's 10000."""
+    coca_init_gain: float = 1.0
+    """Factor on the initial weights of ``q_proj`` and ``k_proj`` (the T projection) of the
+    CoCA variants only (1: the same initial weights as RoPE). CoCA's score is cubic in these
+    weights (``t·|q|²``) where RoPE's is quadratic (``q·k``): at equal initial weights its
+    scores start about 5× smaller. A diagnostic (docs/ablation.md), not a preset setting."""
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,8 @@ class DataConfig:
     (the paper trained on 75% text, 25% code)."""
     passkey_share: float = 0.25
     """Share of training sequences that are passkey-retrieval prompts with their answer, at
-    the training length (docs/conventions.md §6 format). A small model learns retrieval only if it has seen
-    the format; the share is the same for all variants."""
+    the training length (docs/conventions.md §6 format). A small model learns retrieval only
+    if it has seen the format; the share is the same for all variants."""
     held_out_fraction: float = 0.15
     """Fraction of files (plays, stdlib modules) held out for evaluation, split by file
     with :func:`anomaly.corpus.split_by_file`, never by position within a file."""
@@ -86,6 +92,15 @@ class TrainConfig:
     checkpoint_every: int = 200
     """Steps between two checkpoints (a checkpoint is also written at the end and when a
     time limit stops the run)."""
+    val_every: int = 100
+    """Steps between two validations: digit loss and exact passkey match at ``T`` on the
+    validation prompts (never the evaluation prompts), tracked through training."""
+    val_prompts: int = 64
+    """Validation prompts (random depth) at the training length."""
+    criterion: float = 0.9
+    """Exact-match rate on the validation prompts at which a model counts as retrieving.
+    The weights at the first validation that reaches it are kept (``criterion/``) and
+    evaluated as the "to criterion" reading; training itself always runs ``steps``."""
 
 
 @dataclass(frozen=True)
@@ -104,9 +119,14 @@ class EvalConfig:
     """Sliding-window stride; ``None``: the training length (the paper: stride 512 at
     training length 512)."""
     passkey_samples: int = 100
-    """Passkey prompts per length (the paper: 100)."""
+    """Passkey prompts per (length, depth) cell and seed (the paper: 100 per length)."""
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    """Depths of the key sentence in the filler, 0 (start) … 1 (just before the question)."""
     batch_tokens: int = 16384
     """Tokens per forward pass at evaluation (memory bound)."""
+    retrieval_samples: int = 4
+    """Prompts per (length, depth) whose attention maps find and follow the retrieval head
+    (:mod:`anomaly.ablation.retrieval`)."""
     probe_tokens: int | None = None
     """Held-out tokens fed to :func:`anomaly.probe.probe` per trained model; ``None``: ``T``."""
 
@@ -125,12 +145,21 @@ class AblationConfig:
     """Optimisation."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation."""
-    model_seed: int = 0
-    """Seed of the random initialisation; the same for all variants."""
+    seeds: tuple[int, ...] = (0,)
+    """Training seeds. Seed ``s`` fixes the initial weights (``torch.manual_seed(s)``) and the
+    order of the training sequences and their passkey prompts; every variant is trained once
+    per seed, and a seed's variants share both."""
     data_seed: int = 1
-    """Seed of the data order and the passkey training prompts; the same for all variants."""
+    """Seed of the text and code stream (hence of the vocabulary); the same for all seeds."""
     eval_seed: int = 2
-    """Seed of the passkey evaluation prompts; the same for all variants."""
+    """Seed of the passkey evaluation prompts; the same for all variants and seeds."""
+    val_seed: int = 3
+    """Seed of the passkey validation prompts (recipe choice, criterion), never evaluated on."""
+    cpu_threads: int | None = None
+    """Torch threads on a CPU (``None``: torch's default, one per core). Pinning it makes the
+    numbers independent of the machine's core count (a float sum split over more threads
+    rounds differently), and on a small machine several one-thread runs in parallel
+    (``--variants``) beat one run with many threads."""
 
     @property
     def eval_lengths(self) -> list[int]:
@@ -150,40 +179,51 @@ class AblationConfig:
         """The same config with a different number of training steps."""
         return replace(self, train=replace(self.train, steps=steps))
 
+    def with_seeds(self, n: int) -> "AblationConfig":
+        """The same config trained from seeds ``0 … n−1``."""
+        return replace(self, seeds=tuple(range(n)))
+
 
 PRESETS: dict[str, AblationConfig] = {
-    # End to end in about a minute on a CPU; checks the plumbing, not the science.
+    # A plumbing check of every step (two seeds, intervals, criterion, retrieval head,
+    # probe, figures) in about a minute on a CPU. Its numbers mean nothing: the model is
+    # tiny, sees 48 sequences, and its 512-id vocabulary maps ~30% of the text to <unk>.
     "smoke": AblationConfig(
         preset="smoke",
         model=ModelConfig(hidden_size=32, num_layers=2, num_heads=2, head_dim=16,
                           intermediate_size=64, vocab_size=512),
         data=DataConfig(train_length=64),
         train=TrainConfig(steps=12, batch_size=4, warmup_steps=2, log_every=2,
-                          checkpoint_every=6),
-        eval=EvalConfig(ppl_segments=2, passkey_samples=2, batch_tokens=4096),
+                          checkpoint_every=6, val_every=6, val_prompts=8),
+        eval=EvalConfig(ppl_segments=2, passkey_samples=2, batch_tokens=4096, retrieval_samples=1),
+        seeds=(0, 1),
     ),
-    # The largest run that fits a 2-core CPU in about half an hour, all three variants.
-    # 600 steps with a 30% passkey share taught the format but no copying (passkey 0.00
-    # even at 1×), so retrieval needs more passkey examples: 2000 steps, half of them.
+    # The recipe was chosen on validation prompts (docs/ablation.md): two layers at lr 1e-3,
+    # half the sequences passkey prompts; the earlier 4 layers at lr 3e-3 taught no model to
+    # retrieve. One thread: about 2 h as one process, 84 min as three --variants runs on 2 cores.
     "cpu": AblationConfig(
         preset="cpu",
-        model=ModelConfig(hidden_size=128, num_layers=4, num_heads=4, head_dim=32,
+        model=ModelConfig(hidden_size=128, num_layers=2, num_heads=4, head_dim=32,
                           intermediate_size=384, vocab_size=4096),
         data=DataConfig(train_length=128, passkey_share=0.5),
-        train=TrainConfig(steps=2000, batch_size=16, lr=3e-3, warmup_steps=100,
-                          log_every=20, checkpoint_every=250),
+        train=TrainConfig(steps=3000, batch_size=16, lr=1e-3, warmup_steps=100,
+                          log_every=20, checkpoint_every=250, val_every=100),
         eval=EvalConfig(ppl_segments=16, passkey_samples=40, batch_tokens=8192),
+        seeds=(0, 1, 2),
+        cpu_threads=1,
     ),
-    # A GPU configuration at the paper's training length; resumable, so it runs as a
-    # series of commands of at most 10 minutes (--max-minutes 9).
+    # Sized (by estimate, not yet measured) so that 3 variants × 3 seeds train and evaluate
+    # in about 8 minutes on one H100/H200; resumable, so it also runs as a series of
+    # shorter commands (--max-minutes).
     "gpu": AblationConfig(
         preset="gpu",
-        model=ModelConfig(hidden_size=512, num_layers=8, num_heads=8, head_dim=64,
-                          intermediate_size=1536, vocab_size=16384),
-        data=DataConfig(train_length=512),
-        train=TrainConfig(steps=20000, batch_size=32, lr=1e-3, warmup_steps=500,
-                          log_every=50, checkpoint_every=500),
-        eval=EvalConfig(ppl_segments=64, passkey_samples=100, batch_tokens=65536),
+        model=ModelConfig(hidden_size=256, num_layers=4, num_heads=4, head_dim=64,
+                          intermediate_size=768, vocab_size=8192),
+        data=DataConfig(train_length=256, passkey_share=0.5),
+        train=TrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup_steps=100,
+                          log_every=50, checkpoint_every=500, val_every=100),
+        eval=EvalConfig(ppl_segments=32, passkey_samples=40, batch_tokens=65536),
+        seeds=(0, 1, 2),
     ),
 }
 
@@ -196,18 +236,52 @@ def get_preset(name: str) -> AblationConfig:
         raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
+def override(config: AblationConfig, assignment: str) -> AblationConfig:
+    """``config`` with one field replaced: ``"model.head_dim=64"``, ``"train.lr=3e-3"``,
+    ``"eval.depths=0,0.5,1"``; top-level fields without a section (``"data_seed=5"``).
+
+    Raises:
+        UserError: malformed, unknown field, or a value of the wrong type.
+    """
+    key, sep, text = assignment.partition("=")
+    section, _, name = key.strip().rpartition(".")
+    if not sep or not name:
+        raise UserError(f"--set {assignment!r}: write SECTION.FIELD=VALUE, e.g. --set train.lr=3e-3")
+    holder = getattr(config, section) if section in ("model", "data", "train", "eval") else config
+    if section not in ("", "model", "data", "train", "eval") or name not in holder.__dataclass_fields__ or name == "preset":
+        raise UserError(f"--set {assignment!r}: no field {key!r}; fields are "
+                        + ", ".join(f"{sec}.{f}" for sec in ("model", "data", "train", "eval")
+                                    for f in getattr(config, sec).__dataclass_fields__))
+    current = getattr(holder, name)
+    try:
+        if isinstance(current, tuple):
+            value: Any = tuple(type(current[0])(v) for v in text.split(","))
+        elif current is None or isinstance(current, bool):
+            value = None if text.lower() == "none" else int(text)
+        else:
+            value = type(current)(text)
+    except ValueError:
+        raise UserError(f"--set {assignment!r}: {text!r} is not a valid {type(current).__name__}") from None
+    if holder is config:
+        return replace(config, **{name: value})
+    return replace(config, **{section: replace(holder, **{name: value})})
+
+
 def config_from_dict(d: dict[str, Any]) -> AblationConfig:
     """Inverse of :meth:`AblationConfig.to_dict` (tuples restored)."""
     ev = dict(d["eval"])
     ev["length_multipliers"] = tuple(ev["length_multipliers"])
     ev["scalings"] = tuple(ev["scalings"])
+    ev["depths"] = tuple(ev["depths"])
     return AblationConfig(
         preset=d["preset"],
         model=ModelConfig(**d["model"]),
         data=DataConfig(**d["data"]),
         train=TrainConfig(**d["train"]),
         eval=EvalConfig(**ev),
-        model_seed=d["model_seed"],
+        seeds=tuple(d["seeds"]),
         data_seed=d["data_seed"],
         eval_seed=d["eval_seed"],
+        val_seed=d["val_seed"],
+        cpu_threads=d.get("cpu_threads"),
     )

@@ -123,20 +123,48 @@ def build_vocab(counts: np.ndarray, size: int, required: Sequence[int]) -> Vocab
 
 @dataclass
 class AblationData:
-    """Everything the ablation trains and evaluates on."""
+    """Everything the ablation trains and evaluates on, for every seed.
+
+    The text/code stream and the vocabulary depend on ``data_seed`` only; the *order* of the
+    training sequences and the passkey training prompts depend on the run seed
+    (:meth:`training_sequences`), so seeds differ in data order, not in data.
+    """
 
     vocab: Vocab
     """The trimmed vocabulary."""
-    train: Tensor
-    """``int64[steps · batch_size, train_length]`` training sequences, in training order."""
-    kinds: list[str]
-    """Per training sequence: ``"text"``, ``"code"`` or ``"passkey"``."""
+    text_chunks: np.ndarray
+    """``int64[n_text, T]`` language-model sequences cut from the training plays."""
+    code_chunks: np.ndarray
+    """``int64[n_code, T]`` language-model sequences cut from the training code."""
+    n_passkey: int
+    """Passkey training sequences per run."""
     held_out: dict[str, Tensor]
     """Held-out plays (name -> ``int64[tokens]``), for perplexity and probing."""
     passkey: PasskeyTask
     """The passkey task in this vocabulary."""
     stats: dict = field(default_factory=dict)
     """Documents, token counts, epochs over the training text, ``<unk>`` rates."""
+
+    def training_sequences(self, seed: int) -> tuple[Tensor, list[str]]:
+        """The training sequences of seed ``seed`` in training order.
+
+        Returns:
+            ``int64[steps · batch_size, T]`` and, per sequence, ``"text"``, ``"code"`` or
+            ``"passkey"``. Deterministic in ``(data_seed, seed)``.
+        """
+        rng = np.random.default_rng([self.stats["data_seed"], seed])
+        n_text, n_code, T = len(self.text_chunks), len(self.code_chunks), self.text_chunks.shape[1]
+        n_seq = n_text + n_code + self.n_passkey
+        text = self.text_chunks[rng.permutation(n_text)]
+        code = self.code_chunks[rng.permutation(n_code)]
+        kinds = np.array(["text"] * n_text + ["code"] * n_code + ["passkey"] * self.n_passkey)
+        kinds = kinds[rng.permutation(n_seq)]
+        train = np.empty((n_seq, T), dtype=np.int64)
+        train[kinds == "text"] = text
+        train[kinds == "code"] = code
+        for i in np.flatnonzero(kinds == "passkey"):
+            train[i] = self.passkey.sequence(T, rng)
+        return torch.from_numpy(train), kinds.tolist()
 
 
 def _stream(docs: list[Document], cache: TokenCache, need: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str], float]:
@@ -161,9 +189,10 @@ def _stream(docs: list[Document], cache: TokenCache, need: int, rng: np.random.G
 
 
 def build_data(config: AblationConfig, cache_dir: Path) -> AblationData:
-    """Tokenise, trim the vocabulary and lay out every training sequence in order.
+    """Tokenise, trim the vocabulary and cut the language-model sequences.
 
-    Deterministic in ``config`` (``data_seed``): every variant sees the same batches.
+    Deterministic in ``config`` (``data_seed``); :meth:`AblationData.training_sequences`
+    lays them out for one seed.
     """
     T = config.data.train_length
     n_seq = config.train.steps * config.train.batch_size
@@ -191,27 +220,14 @@ def build_data(config: AblationConfig, cache_dir: Path) -> AblationData:
         return np.where(stream < 0, EOS, vocab.from_hf(np.maximum(stream, 0)))
 
     task = PasskeyTask(vocab.encode, vocab.decode)
-    text_ids, code_ids = ours(text), ours(code)
-    # Non-overlapping chunks of T tokens, in a shuffled order.
-    text_chunks = text_ids[: n_text * T].reshape(n_text, T)  # [n_text, T]
-    code_chunks = code_ids[: n_code * T].reshape(n_code, T)  # [n_code, T]
-    text_chunks = text_chunks[rng.permutation(n_text)]
-    code_chunks = code_chunks[rng.permutation(n_code)]
-    kinds = np.array(["text"] * n_text + ["code"] * n_code + ["passkey"] * n_passkey)
-    kinds = kinds[rng.permutation(n_seq)]
-    train = np.empty((n_seq, T), dtype=np.int64)
-    it_text, it_code = iter(text_chunks), iter(code_chunks)
-    for i, kind in enumerate(kinds):
-        if kind == "text":
-            train[i] = next(it_text)
-        elif kind == "code":
-            train[i] = next(it_code)
-        else:
-            train[i] = task.sequence(T, rng)
+    # Non-overlapping chunks of T tokens, in stream order (each seed shuffles them).
+    text_chunks = ours(text)[: n_text * T].reshape(n_text, T)  # [n_text, T]
+    code_chunks = ours(code)[: n_code * T].reshape(n_code, T)  # [n_code, T]
     held = {name: torch.from_numpy(vocab.from_hf(ids)) for name, ids in held_hf.items()}
     lm = np.concatenate([text_chunks.ravel(), code_chunks.ravel()])
     held_all = torch.cat(list(held.values()))
     stats = {
+        "data_seed": config.data_seed,
         "train_documents": {"text": text_names, "code": code_names},
         "held_out_documents": sorted(held),
         "passes_over_train_documents": {"text": round(text_passes, 3), "code": round(code_passes, 3)},
@@ -224,5 +240,5 @@ def build_data(config: AblationConfig, cache_dir: Path) -> AblationData:
         },
         "tokenizer": f"SmolLM2-135M-Instruct ({models.BUNDLED_GGUF}), trimmed to {len(vocab)} ids",
     }
-    return AblationData(vocab=vocab, train=torch.from_numpy(train), kinds=kinds.tolist(),
-                        held_out=held, passkey=task, stats=stats)
+    return AblationData(vocab=vocab, text_chunks=text_chunks.astype(np.int64), code_chunks=code_chunks.astype(np.int64),
+                        n_passkey=n_passkey, held_out=held, passkey=task, stats=stats)

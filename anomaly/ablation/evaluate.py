@@ -14,13 +14,21 @@ largest evaluation length into their play), so lengths differ only in the contex
 segment's first token is not scored (at 1× it has no context).
 
 **Passkey** prompts (:mod:`anomaly.ablation.passkey`) have exactly ``L`` tokens including
-the answer; the answer's tokens are generated greedily with HF ``generate`` (KV cache) and
-the sample counts as correct when they contain the passkey. Prompts depend only on
-``eval_seed`` and ``L``: every variant and scaling is asked the same questions.
+the answer, with the key sentence at each of the configured depths. A prompt counts as
+retrieved when greedy decoding would reproduce the answer exactly, which is checked in one
+teacher-forced forward pass: the answer is retrieved exactly when every answer token is
+the arg-max of the model's prediction given the true tokens before it (if all are, greedy
+decoding reproduces them one by one; if one is not, greedy decoding departs there). The
+same pass gives the *digit loss*, the mean negative log-likelihood of the passkey's digit
+tokens (ln 10 ≈ 2.30 nats: guessing), which shows partial retrieval where exact match is
+0. Prompts depend only on ``eval_seed``, ``L`` and the depth: every variant, seed and
+scaling is asked the same questions.
 
 HF's dynamic NTK keeps the largest length it has seen and only resets below ``T``, so the
-rotary module is rebuilt (fresh state) before every forward pass or generation here; during
-generation the frequencies grow with the sequence as in HF (cached keys keep theirs).
+rotary module is rebuilt (fresh state) before every forward pass here. With teacher forcing
+the whole window of ``L`` tokens is encoded at once, so every position uses the
+frequencies dynamic NTK picks for length ``L`` (incremental decoding would instead grow
+them with the sequence while cached keys keep theirs).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from torch import Tensor
 
 from anomaly.ablation.config import AblationConfig
 from anomaly.ablation.data import EOS
-from anomaly.ablation.passkey import PasskeyTask
+from anomaly.ablation.passkey import PasskeyPrompt, PasskeyTask
 from anomaly.ablation.train import rope_parameters
 
 
@@ -80,62 +88,77 @@ def perplexity(
     stride: int,
     batch_tokens: int,
     reset: Callable[[], None] = lambda: None,
-) -> tuple[float, float]:
-    """Sliding-window perplexity at window ``length``.
+) -> np.ndarray:
+    """Sliding-window negative log-likelihood at window ``length``.
 
     Returns:
-        ``(perplexity, mean negative log-likelihood in nats)`` over the scored tokens.
+        ``float64[len(segments)]``: each segment's mean NLL (nats per token) over its
+        ``stride − 1`` scored tokens. The perplexity is ``exp`` of their mean (every segment
+        scores the same number of tokens).
     """
     device = next(model.parameters()).device
     windows = torch.stack([held_out[name][end - length : end] for name, end in segments])  # [n, L]
     per_batch = max(1, batch_tokens // length)
-    total, count = 0.0, 0
+    out = []
     for i in range(0, len(windows), per_batch):
         x = windows[i : i + per_batch].to(device)  # [b, L]
         reset()
         logits = model(input_ids=x, logits_to_keep=stride).logits.float()  # [b, S, V]
         # Logit at position p predicts token p+1: keep the S-1 targets inside the segment.
         targets = x[:, -(stride - 1) :]  # [b, S-1]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        )
-        total += nll.item()
-        count += targets.numel()
-    mean = total / count
-    return math.exp(mean) if mean < 700 else math.inf, mean
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")  # [b, S-1]
+        out.append(nll.double().mean(-1).cpu())
+    return torch.cat(out).numpy()
+
+
+def ppl_of(nll: float) -> float:
+    """Perplexity of a mean NLL in nats (``inf`` past float range)."""
+    return math.exp(nll) if nll < 700 else math.inf
 
 
 @torch.no_grad()
-def passkey_accuracy(
+def passkey_scores(
     model: torch.nn.Module,
     task: PasskeyTask,
-    length: int,
-    samples: int,
-    seed: int,
+    prompts: list[PasskeyPrompt],
     batch_tokens: int,
     reset: Callable[[], None] = lambda: None,
-) -> float:
-    """Share of ``samples`` passkey prompts of ``length`` tokens answered correctly."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact retrieval and digit loss of each prompt (teacher forcing; module docstring).
+
+    ``prompts`` must share one length. Returns ``bool[n]`` (greedy decoding reproduces the
+    answer) and ``float64[n]`` (mean NLL of the passkey's digit tokens, nats).
+    """
     device = next(model.parameters()).device
-    rng = np.random.default_rng([seed, length])
-    prompts = [task.sample(length, rng) for _ in range(samples)]
-    per_batch = max(1, batch_tokens // length)
-    correct = 0
-    for i in range(0, samples, per_batch):
+    n_answer = len(prompts[0].answer)
+    per_batch = max(1, batch_tokens // (len(prompts[0].prompt) + n_answer))
+    exact, digit_nll = [], []
+    for i in range(0, len(prompts), per_batch):
         chunk = prompts[i : i + per_batch]
-        x = torch.tensor([p.prompt for p in chunk], device=device)  # [b, L - answer]
+        x = torch.tensor([p.prompt + p.answer for p in chunk], device=device)  # [b, L]
         reset()
-        out = model.generate(
-            input_ids=x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=len(chunk[0].answer),
-            do_sample=False,
-            pad_token_id=EOS,
-            eos_token_id=None,
-        )
-        for p, row in zip(chunk, out[:, x.shape[1] :].tolist()):
-            correct += task.is_correct(row, p.passkey)
-    return correct / samples
+        # Positions L−a−1 … L−2 predict the a answer tokens.
+        logits = model(input_ids=x, logits_to_keep=n_answer + 1).logits[:, :-1].float()  # [b, a, V]
+        answer = x[:, -n_answer:]  # [b, a]
+        exact.append((logits.argmax(-1) == answer).all(-1).cpu())
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), answer, reduction="none")  # [b, a]
+        digits = task.digit_mask(answer).to(device)  # [b, a]
+        digit_nll.append(((nll * digits).sum(-1) / digits.sum(-1)).double().cpu())
+    return torch.cat(exact).numpy(), torch.cat(digit_nll).numpy()
+
+
+def passkey_prompts(task: PasskeyTask, length: int, depth: float, samples: int, seed: int) -> list[PasskeyPrompt]:
+    """``samples`` prompts of ``length`` tokens with the key sentence at ``depth``
+    (random passkeys; deterministic in ``seed``, ``length`` and ``depth``)."""
+    rng = np.random.default_rng([seed, length, round(depth * 1000)])
+    return [task.build(length, int(rng.integers(10000, 100000)), depth) for _ in range(samples)]
+
+
+def validation_prompts(config: AblationConfig, task: PasskeyTask) -> list[PasskeyPrompt]:
+    """The validation prompts: ``val_prompts`` at the training length, random depths,
+    from ``val_seed`` (never the evaluation prompts' seed)."""
+    rng = np.random.default_rng([config.val_seed, config.data.train_length])
+    return [task.sample(config.data.train_length, rng) for _ in range(config.train.val_prompts)]
 
 
 @dataclass
@@ -147,7 +170,17 @@ class ScalingResult:
     nll: list[float]
     """Mean negative log-likelihood (nats per token) per evaluation length."""
     passkey: list[float]
-    """Passkey accuracy per evaluation length."""
+    """Exact passkey retrieval rate per evaluation length (over all depths)."""
+    digit_nll: list[float]
+    """Mean digit loss (nats) per evaluation length (over all depths)."""
+    segment_nll: list[list[float]]
+    """``[length][segment]``: each scored segment's mean NLL, for intervals."""
+    passkey_exact: list[list[list[bool]]]
+    """``[length][depth][prompt]``: whether each prompt was retrieved."""
+    passkey_digit_nll: list[list[list[float]]]
+    """``[length][depth][prompt]``: each prompt's digit loss."""
+    depths: list[float]
+    """The depths of the second axis."""
     seconds: float = 0.0
     """Wall time of this evaluation."""
     extra: dict = field(default_factory=dict)
@@ -161,8 +194,11 @@ def evaluate_scaling(
     held_out: dict[str, Tensor],
     task: PasskeyTask,
     log: Callable[[str], None] = print,
+    *,
+    ppl: bool = True,
 ) -> ScalingResult:
-    """Perplexity and passkey accuracy of ``model`` under ``scaling`` at every length."""
+    """Perplexity and passkey retrieval of ``model`` under ``scaling`` at every length and
+    depth (``ppl=False``: passkey only, perplexities left empty)."""
     start = time.perf_counter()
     model.eval()
     ev, lengths = config.eval, config.eval_lengths
@@ -171,14 +207,26 @@ def evaluate_scaling(
     def reset() -> None:
         set_scaling(model, config, scaling)
 
-    res = ScalingResult(ppl=[], nll=[], passkey=[])
+    res = ScalingResult(ppl=[], nll=[], passkey=[], digit_nll=[], segment_nll=[], passkey_exact=[],
+                        passkey_digit_nll=[], depths=list(ev.depths))
     for length in lengths:
-        ppl, nll = perplexity(model, held_out, segments, length, config.stride, ev.batch_tokens, reset)
-        acc = passkey_accuracy(model, task, length, ev.passkey_samples, config.eval_seed, ev.batch_tokens, reset)
-        res.ppl.append(ppl)
-        res.nll.append(nll)
-        res.passkey.append(acc)
-        log(f"  {scaling:>6} L={length:>5}: ppl {ppl:10.2f}  passkey {acc:.2f}")
+        if ppl:
+            seg = perplexity(model, held_out, segments, length, config.stride, ev.batch_tokens, reset)
+            res.segment_nll.append(seg.tolist())
+            res.nll.append(float(seg.mean()))
+            res.ppl.append(ppl_of(res.nll[-1]))
+        exact, digits = [], []
+        for depth in ev.depths:
+            prompts = passkey_prompts(task, length, depth, ev.passkey_samples, config.eval_seed)
+            e, d = passkey_scores(model, task, prompts, ev.batch_tokens, reset)
+            exact.append(e.tolist())
+            digits.append(d.tolist())
+        res.passkey_exact.append(exact)
+        res.passkey_digit_nll.append(digits)
+        res.passkey.append(float(np.mean(exact)))
+        res.digit_nll.append(float(np.mean(digits)))
+        shown = f"ppl {res.ppl[-1]:10.2f}  " if ppl else ""
+        log(f"  {scaling:>6} L={length:>5}: {shown}passkey {res.passkey[-1]:.2f}  digit loss {res.digit_nll[-1]:.2f}")
     set_scaling(model, config, "none")
     res.seconds = time.perf_counter() - start
     res.extra = {"segments": [list(s) for s in segments], "passkey_samples": ev.passkey_samples}

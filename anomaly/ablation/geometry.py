@@ -61,3 +61,42 @@ def slack_spread(model: torch.nn.Module, input_ids: Tensor, train_length: int, m
     positions = torch.arange(0, max_length, 8)
     layers = measure(model, input_ids, distances=distances, positions=positions, pairs=SLACK_PAIRS)
     return SlackGeometry(layers, distances, f"0..{max_length - 1} step 8", SLACK_PAIRS).to_json()
+
+
+@torch.no_grad()
+def coefficient_sparsity(model: torch.nn.Module, input_ids: Tensor) -> dict:
+    """How many of a CoCA model's collinear coefficients the ReLU zeroes.
+
+    CoCA keeps one coefficient ``t_{n,j} = ReLU(mean of slice j of T x_n)`` per key slice
+    (docs/conventions.md §5). A zero removes slice ``j`` of key ``n`` from every score; a
+    slice that is zero for every token takes no part in attention at all and, the ReLU's
+    gradient being 0 there, cannot come back.
+
+    Returns:
+        ``zero_fraction`` ``[layer][kv head]``: share of (token, slice) coefficients that
+        are 0; ``dead_slices`` ``[layer][kv head]``: slices that are 0 for every token of
+        ``input_ids``; ``slices`` per head; their means over heads and layers.
+    """
+    from anomaly.analytic import collinear_coefficients
+    from anomaly.model_surgery import attention_module, decoder_layers
+
+    outputs: list[Tensor] = []
+    hooks = [attention_module(layer).k_proj.register_forward_hook(lambda _m, _a, out: outputs.append(out))
+             for layer in decoder_layers(model)]
+    try:
+        model(input_ids=input_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    head_dim = model.config.head_dim
+    zero, dead = [], []
+    for t in outputs:  # [1, seq, kv_heads · head_dim]
+        coef = collinear_coefficients(t[0].unflatten(-1, (-1, head_dim)), "half")  # [seq, kv_heads, d/2]
+        zero.append((coef == 0).float().mean(dim=(0, 2)).tolist())
+        dead.append((coef == 0).all(dim=0).sum(-1).tolist())
+    return {
+        "zero_fraction": zero, "dead_slices": dead, "slices": head_dim // 2,
+        "mean_zero_fraction": float(torch.tensor(zero).mean()),
+        "mean_dead_slices": float(torch.tensor(dead, dtype=torch.float).mean()),
+        "tokens": int(input_ids.shape[-1]),
+    }

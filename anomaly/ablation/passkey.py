@@ -2,8 +2,8 @@
 
 A fixed filler passage is repeated to reach the target length; one sentence stating a
 random 5-digit passkey (10000–99999) is inserted at a random depth; a question asking for
-the passkey closes the prompt. The model's greedy continuation is correct when it contains
-the passkey.
+the passkey closes the prompt. A prompt is retrieved when greedy decoding reproduces the
+answer exactly (checked by teacher forcing: :func:`anomaly.ablation.evaluate.passkey_scores`).
 
 Prompts are assembled from token ids, not text, so that a prompt has *exactly* the
 requested length: ``len(prompt) + len(answer) == length``. The answer therefore fits in
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_SENTENCE = " The pass key is {passkey}. Remember it. {passkey} is the pass key."
@@ -40,6 +41,8 @@ class PasskeyPrompt:
     """The 5-digit passkey."""
     depth: float
     """Where the key sentence sits within the filler, 0 (start) … 1 (end)."""
+    key_span: tuple[int, int] = (0, 0)
+    """``[start, end)`` token positions of the key sentence in ``prompt``."""
 
 
 class PasskeyTask:
@@ -54,6 +57,8 @@ class PasskeyTask:
         # Sentence boundaries of one filler repetition (after each '.'): key sentences go there.
         self._period = period[0]
         self._question = encode(QUESTION)
+        # Our ids of the ten digits: the answer's tokens that carry the passkey.
+        self._digit_ids = sorted({i for i in encode(" 0123456789") if decode([i]).strip().isdigit()})
 
     @staticmethod
     def vocabulary_texts() -> list[str]:
@@ -84,7 +89,7 @@ class PasskeyTask:
             bounds.append(n_filler)
         at = min(bounds, key=lambda b: abs(b - depth * n_filler))
         prompt = filler[:at] + key + filler[at:] + self._question
-        return PasskeyPrompt(prompt=prompt, answer=answer, passkey=passkey, depth=depth)
+        return PasskeyPrompt(prompt=prompt, answer=answer, passkey=passkey, depth=depth, key_span=(at, at + len(key)))
 
     def sample(self, length: int, rng: np.random.Generator) -> PasskeyPrompt:
         """A prompt with a uniformly random passkey in [10000, 99999] and depth in [0, 1]."""
@@ -97,6 +102,6 @@ class PasskeyTask:
         p = self.sample(length, rng)
         return p.prompt + p.answer
 
-    def is_correct(self, generated: Sequence[int], passkey: int) -> bool:
-        """Whether the generated tokens contain the passkey."""
-        return str(passkey) in self.decode(list(generated))
+    def digit_mask(self, answers: torch.Tensor) -> torch.Tensor:
+        """``bool[..., a]``: which answer tokens are digits of the passkey."""
+        return torch.isin(answers, torch.tensor(self._digit_ids, device=answers.device))

