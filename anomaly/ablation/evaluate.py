@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from anomaly.ablation.config import AblationConfig
-from anomaly.ablation.data import EOS
+from anomaly.ablation.intervals import ppl_of
 from anomaly.ablation.passkey import PasskeyPrompt, PasskeyTask
 from anomaly.ablation.train import rope_parameters
 
@@ -109,11 +109,6 @@ def perplexity(
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")  # [b, S-1]
         out.append(nll.double().mean(-1).cpu())
     return torch.cat(out).numpy()
-
-
-def ppl_of(nll: float) -> float:
-    """Perplexity of a mean NLL in nats (``inf`` past float range)."""
-    return math.exp(nll) if nll < 700 else math.inf
 
 
 @torch.no_grad()
@@ -194,11 +189,9 @@ def evaluate_scaling(
     held_out: dict[str, Tensor],
     task: PasskeyTask,
     log: Callable[[str], None] = print,
-    *,
-    ppl: bool = True,
 ) -> ScalingResult:
     """Perplexity and passkey retrieval of ``model`` under ``scaling`` at every length and
-    depth (``ppl=False``: passkey only, perplexities left empty)."""
+    depth."""
     start = time.perf_counter()
     model.eval()
     ev, lengths = config.eval, config.eval_lengths
@@ -210,11 +203,10 @@ def evaluate_scaling(
     res = ScalingResult(ppl=[], nll=[], passkey=[], digit_nll=[], segment_nll=[], passkey_exact=[],
                         passkey_digit_nll=[], depths=list(ev.depths))
     for length in lengths:
-        if ppl:
-            seg = perplexity(model, held_out, segments, length, config.stride, ev.batch_tokens, reset)
-            res.segment_nll.append(seg.tolist())
-            res.nll.append(float(seg.mean()))
-            res.ppl.append(ppl_of(res.nll[-1]))
+        seg = perplexity(model, held_out, segments, length, config.stride, ev.batch_tokens, reset)
+        res.segment_nll.append(seg.tolist())
+        res.nll.append(float(seg.mean()))
+        res.ppl.append(ppl_of(res.nll[-1]))
         exact, digits = [], []
         for depth in ev.depths:
             prompts = passkey_prompts(task, length, depth, ev.passkey_samples, config.eval_seed)
@@ -225,8 +217,8 @@ def evaluate_scaling(
         res.passkey_digit_nll.append(digits)
         res.passkey.append(float(np.mean(exact)))
         res.digit_nll.append(float(np.mean(digits)))
-        shown = f"ppl {res.ppl[-1]:10.2f}  " if ppl else ""
-        log(f"  {scaling:>6} L={length:>5}: {shown}passkey {res.passkey[-1]:.2f}  digit loss {res.digit_nll[-1]:.2f}")
+        log(f"  {scaling:>6} L={length:>5}: ppl {res.ppl[-1]:10.2f}  passkey {res.passkey[-1]:.2f}  "
+            f"digit loss {res.digit_nll[-1]:.2f}")
     set_scaling(model, config, "none")
     res.seconds = time.perf_counter() - start
     res.extra = {"segments": [list(s) for s in segments], "passkey_samples": ev.passkey_samples}

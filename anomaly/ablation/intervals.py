@@ -51,14 +51,15 @@ def mean_ci(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
 def ppl_ci(segment_nll: Sequence[Sequence[float]]) -> tuple[float, float]:
     """95 % interval of the perplexity ``exp(mean NLL)`` of ``[seed][segment]`` NLLs."""
     low, high = mean_ci(np.asarray(segment_nll, dtype=float))
-    return _exp(low), _exp(high)
+    return ppl_of(low), ppl_of(high)
 
 
 def pooled_ppl(segment_nll: Sequence[Sequence[float]]) -> float:
     """``exp`` of the mean NLL over every seed's segments (the geometric mean over seeds
     of their perplexities, as every seed scores the same segments)."""
-    return _exp(float(np.mean(np.asarray(segment_nll, dtype=float))))
+    return ppl_of(float(np.mean(np.asarray(segment_nll, dtype=float))))
 
 
-def _exp(nll: float) -> float:
+def ppl_of(nll: float) -> float:
+    """Perplexity of a mean NLL in nats (``inf`` past float range)."""
     return math.exp(nll) if nll < 700 else math.inf

@@ -67,7 +67,7 @@ def retrieval_attention(
         at ``T``; per evaluation length the retrieval head's mean attention on the matching
         digit (``matching``) and on the key sentence (``on_key``); and ``example``, the head's
         attention rows of the digit-predicting queries ``[digit][position]`` for one prompt
-        at ``T`` with the key sentence's span.
+        at ``T`` (key sentence at the middle depth) with the key sentence's span.
     """
     impl = model.config._attn_implementation
     model.set_attn_implementation("eager")
@@ -76,19 +76,19 @@ def retrieval_attention(
         for length in config.eval_lengths:
             prompts = [p for d in config.eval.depths
                        for p in passkey_prompts(task, length, d, samples, config.eval_seed)]
-            per_length.append([_attention_masses(model, task, p, reset) for p in prompts])
-        at_T = np.mean([m for m, _, _ in per_length[0]], axis=0)  # [layers, H]
-        layer, head = (int(i) for i in np.unravel_index(np.argmax(at_T), at_T.shape))
-        example_prompt = passkey_prompts(task, config.eval_lengths[0], 0.5, 1, config.eval_seed)[0]
-        _, _, rows = _attention_masses(model, task, example_prompt, reset)
+            per_length.append([(p, *_attention_masses(model, task, p, reset)) for p in prompts])
     finally:
         model.set_attn_implementation(impl)
+    at_T = np.mean([m for _, m, _, _ in per_length[0]], axis=0)  # [layers, H]
+    layer, head = (int(i) for i in np.unravel_index(np.argmax(at_T), at_T.shape))
+    # The example: the first prompt at T with the key sentence at the middle depth.
+    example_prompt, _, _, rows = per_length[0][len(config.eval.depths) // 2 * samples]
     return {
         "head": [layer, head],
         "matching_by_head": at_T.tolist(),
         "lengths": config.eval_lengths,
-        "matching": [float(np.mean([m[layer, head] for m, _, _ in r])) for r in per_length],
-        "on_key": [float(np.mean([k[layer, head] for _, k, _ in r])) for r in per_length],
+        "matching": [float(np.mean([m[layer, head] for _, m, _, _ in r])) for r in per_length],
+        "on_key": [float(np.mean([k[layer, head] for _, _, k, _ in r])) for r in per_length],
         "prompts_per_length": len(per_length[0]),
         "example": {"rows": rows[layer, head].tolist(), "key_span": list(example_prompt.key_span),
                     "length": config.eval_lengths[0]},
