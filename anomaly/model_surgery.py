@@ -93,6 +93,9 @@ REFUSALS = {
     "across depth, or a looped stack), so a layer has no single query/key to probe",
     "unread_layout": "computes its query and key in a way the probe does not read (a fused "
     "projection of an unknown layout)",
+    "sparse_rounded_keys": "lets each query attend to a top-k selection of keys chosen by an indexer "
+    "and rounds the rotated keys to a 4-bit format (NVFP4) before scoring, so the key a query meets "
+    "is not the rotation of a pre-RoPE key and most causal pairs are never scored",
     "unverified": "hands its attention q/k that the captured pre-RoPE q/k, rotated, do not reproduce",
 }
 """Why the probe refuses a model: category → the reason, as a user reads it."""
@@ -342,6 +345,8 @@ def attention_sites(model: nn.Module) -> Sites:
                           "low-level cycles, each layer several times per forward pass")
     sites, skipped = [], {}
     kinds = getattr(config, "layer_types", None) or []
+    if any(isinstance(k, str) and "indexed" in k for k in kinds):  # Kolibri 1.1 (transformers 5.25)
+        raise Unsupported(family, "sparse_rounded_keys", "its indexed-attention layers")
     seen: dict[int, int] = {}  # id(attention module) -> first layer using it
     for i, layer in enumerate(decoder_layers(model)):
         attn = attention_module(layer)

@@ -96,6 +96,12 @@ OVERRIDES: dict[str, dict] = {
             "ext_pw_out_channel": 32, "depthwise_separable_out_channel": 32, "nemo_conv_channels": 32,
         },
     },
+    # Kolibri 1.1 (transformers 5.25): its indexer scores keys with at most the query heads of
+    # key head 0, and its pool must be a multiple of the compression.
+    "kolibri1_1": {
+        "index_num_heads": 1, "index_topk": 4, "index_pool_size": 16, "index_compression": 4,
+        "index_num_local_tokens": 4, "index_num_sink_tokens": 2, "head_dim": 16,
+    },
     "zaya": {"num_experts_per_tok": 1},  # the only value ZAYA accepts
     "dots3_note_text": {"num_key_value_heads": 4},  # must equal the query heads
     # Its vision and audio encoders are built with the model: shrunk, adapters to the text width.
