@@ -147,6 +147,25 @@ def test_live_lock_is_skipped_and_stale_lock_is_taken_over(tmp_path, token_cache
     assert not any(locks.iterdir())
 
 
+def test_a_diverged_model_is_recorded_and_the_sweep_goes_on(tmp_path, token_cache, monkeypatch, capsys):
+    from anomaly.ablation import sweep as sweep_module
+
+    real_train = sweep_module.train
+
+    def train(model, batches, config, *args, **kwargs):
+        if config.train.lr == 1e-3:
+            raise RuntimeError("training loss became nan at step 3")  # what train raises on a non-finite loss
+        return real_train(model, batches, config, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "train", train)
+    with_cache(tmp_path, token_cache)
+    assert sweep(tmp_path, "--variants", "rope", "--lrs", "1e-3", "2e-3", "--tuning-seeds", "100") == 0
+    assert "diverged (training loss became nan at step 3)" in capsys.readouterr().out
+    diverged = json.loads(result_path(tmp_path / "res", SweepModel("rope", 1e-3, 100)).read_text())
+    assert diverged["diverged"] == "training loss became nan at step 3" and diverged["config"]["train"]["lr"] == 1e-3
+    assert "validation" in json.loads(result_path(tmp_path / "res", SweepModel("rope", 2e-3, 100)).read_text())
+
+
 def test_lock_file_rules(tmp_path, sleeper):
     path = tmp_path / "locks" / "a.lock"
     with locked(path) as mine:
