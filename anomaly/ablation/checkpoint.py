@@ -22,7 +22,7 @@ from anomaly.ablation.config import VARIANTS, AblationConfig, config_from_dict
 from anomaly.ablation.run import seed_dir
 from anomaly.ablation.train import CHECKPOINT, build_model, load_checkpoint
 from anomaly.errors import UserError
-from anomaly.models import LoadedModel
+from anomaly.models import LoadedModel, check_safetensors
 
 
 class VocabTokenizer:
@@ -137,4 +137,11 @@ def find_checkpoint(name_or_path: str) -> AblationCheckpoint | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path} is an ablation checkpoint, but its run's {run / 'config.json'} "
                         f"cannot be read ({type(exc).__name__}); point at a complete run directory") from None
+    # Before any work: a checkpoint cut short (a copy interrupted, a full disk) is one line.
+    check_safetensors(path / "model.safetensors")
+    try:
+        json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path / 'state.json'} ({type(exc).__name__}); the checkpoint is "
+                        "incomplete: point at another seed, or rerun the ablation to rewrite it") from None
     return AblationCheckpoint(run=run, variant=variant, seed=int(seed[1]), config=config, lowest_of=lowest_of)

@@ -10,8 +10,9 @@ run refuses to continue under a different one.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Callable
 
 from anomaly.errors import UserError
 
@@ -285,3 +286,132 @@ def config_from_dict(d: dict[str, Any]) -> AblationConfig:
         val_seed=d["val_seed"],
         cpu_threads=d.get("cpu_threads"),
     )
+
+
+MIN_TRAIN_LENGTH = 48
+"""Shortest training length: a passkey prompt with its answer holds 41 tokens besides its
+filler (key sentence, question, answer; SmolLM2's tokenizer), and every training length
+holds passkey prompts."""
+
+MIN_VOCAB = 64
+"""Smallest trimmed vocabulary: the passkey task's 34 SmolLM2 ids, ``<unk>`` and ``<eos>``,
+and room for some text."""
+
+_Check = tuple[Callable[[Any], bool], str]
+_INT1: _Check = (lambda v: _is_int(v) and v >= 1, "must be a whole number of at least 1")
+_INT0: _Check = (lambda v: _is_int(v) and v >= 0, "must be a whole number of at least 0")
+_POS: _Check = (lambda v: _is_num(v) and v > 0, "must be a finite number above 0")
+_NONNEG: _Check = (lambda v: _is_num(v) and v >= 0, "must be a finite number of at least 0")
+_SHARE: _Check = (lambda v: _is_num(v) and 0 <= v <= 1, "must lie in [0, 1]")
+
+_FIELD_CHECKS: dict[str, _Check] = {
+    "model.hidden_size": _INT1, "model.num_layers": _INT1, "model.num_heads": _INT1,
+    "model.head_dim": (lambda v: _is_int(v) and v >= 2 and v % 2 == 0,
+                       "must be an even whole number of at least 2 (RoPE rotates pairs of dimensions)"),
+    "model.intermediate_size": _INT1,
+    "model.vocab_size": (lambda v: _is_int(v) and v >= MIN_VOCAB,
+                         f"must be a whole number of at least {MIN_VOCAB} (the passkey task's tokens, <unk> and <eos>)"),
+    "model.rope_theta": (lambda v: _is_num(v) and v > 1, "must be a finite number above 1 (the RoPE base)"),
+    "model.coca_init_gain": _POS,
+    "data.train_length": (lambda v: _is_int(v) and v >= MIN_TRAIN_LENGTH,
+                          f"must be a whole number of at least {MIN_TRAIN_LENGTH} (a passkey prompt and its answer)"),
+    "data.code_share": _SHARE, "data.passkey_share": _SHARE,
+    "data.held_out_fraction": (lambda v: _is_num(v) and 0 < v < 1, "must lie strictly between 0 and 1"),
+    "train.steps": _INT1, "train.batch_size": _INT1, "train.lr": _POS, "train.warmup_steps": _INT0,
+    "train.min_lr_ratio": _SHARE, "train.weight_decay": _NONNEG, "train.grad_clip": _POS,
+    "train.log_every": _INT1, "train.checkpoint_every": _INT1, "train.val_every": _INT1,
+    "train.val_prompts": _INT1, "train.criterion": _SHARE,
+    "eval.length_multipliers": (lambda v: len(v) > 0 and all(_is_int(x) and x >= 1 for x in v),
+                                "must be one or more whole numbers of at least 1"),
+    "eval.scalings": (lambda v: "none" in v and set(v) <= set(SCALINGS) and len(set(v)) == len(v),
+                      f"must be distinct names from {', '.join(SCALINGS)}, including none"),
+    "eval.ppl_segments": _INT1,
+    "eval.stride": (lambda v: v is None or (_is_int(v) and v >= 2), "must be None or a whole number of at least 2"),
+    "eval.passkey_samples": _INT1,
+    "eval.depths": (lambda v: len(v) > 0 and all(_is_num(x) and 0 <= x <= 1 for x in v),
+                    "must be one or more numbers in [0, 1]"),
+    "eval.batch_tokens": _INT1, "eval.retrieval_samples": _INT1,
+    "eval.probe_tokens": (lambda v: v is None or (_is_int(v) and v >= 2), "must be None or a whole number of at least 2"),
+    "seeds": (lambda v: len(v) > 0 and all(_is_int(x) and x >= 0 for x in v) and len(set(v)) == len(v),
+              "must be one or more distinct whole numbers of at least 0"),
+    "data_seed": _INT0, "eval_seed": _INT0, "val_seed": _INT0,
+    "cpu_threads": (lambda v: v is None or (_is_int(v) and v >= 1), "must be None or a whole number of at least 1"),
+}
+"""Every numeric field of :class:`AblationConfig` and its range (a test checks none is missed)."""
+
+_SEED_MAX = 2**63 - 1  # torch.manual_seed and numpy's generators take at most 64 bits
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and abs(v) <= _SEED_MAX
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def config_fields(config: AblationConfig) -> dict[str, Any]:
+    """Every setting of ``config`` by its ``--set`` name (``"model.head_dim"``, ``"seeds"``)."""
+    out: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name in ("model", "data", "train", "eval"):
+            out.update({f"{f.name}.{g.name}": getattr(value, g.name) for g in fields(value)})
+        elif f.name != "preset":
+            out[f.name] = value
+    return out
+
+
+def validate(config: AblationConfig) -> AblationConfig:
+    """Refuse, in one line, a config no run could finish: every number finite and in range
+    (:data:`_FIELD_CHECKS`), and the settings consistent with each other. Called before
+    anything is written. ``hidden_size`` need not be ``num_heads × head_dim``: LLaMA's
+    projections map between the two (the committed head-64 diagnostic relies on it).
+
+    Returns:
+        ``config`` itself.
+
+    Raises:
+        UserError: naming the setting, its value and what it must be.
+    """
+    for key, value in config_fields(config).items():
+        ok, why = _FIELD_CHECKS[key]
+        if not ok(value):
+            raise UserError(f"{key}={_show(value)} {why}")
+    ev = config.eval
+    if config.stride > min(config.eval_lengths):
+        raise UserError(f"eval.stride={ev.stride} exceeds the shortest evaluation length {min(config.eval_lengths)}; "
+                        "a window scores at most its own length")
+    if ev.probe_tokens is not None and ev.probe_tokens > max(config.eval_lengths):
+        raise UserError(f"eval.probe_tokens={ev.probe_tokens} exceeds the longest evaluation length "
+                        f"{max(config.eval_lengths)}; probe at most that many tokens")
+    return config
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def memory_bytes(config: AblationConfig) -> int:
+    """A rough upper estimate of the memory one process of a run needs, in bytes.
+
+    Training: float32 weights, gradients and AdamW's two moments (16 bytes a parameter),
+    the training stream kept as int64 token ids (``steps × batch × T`` of them, plus the
+    shuffled copy of each seed), and activations of one batch (``batch × T × (12 ·
+    hidden · layers + 2 · vocab)`` floats, the logits counted twice for the loss).
+    Evaluation: logits of ``batch_tokens`` tokens and one layer's attention weights at the
+    longest length (``heads × L²``), which the retrieval head's maps materialise; the
+    validation and evaluation prompts as int64 ids.
+    """
+    m, d, t, ev = config.model, config.data, config.train, config.eval
+    attn = m.hidden_size * m.num_heads * m.head_dim * 4
+    params = m.vocab_size * m.hidden_size + m.num_layers * (attn + 3 * m.hidden_size * m.intermediate_size)
+    stream = t.steps * t.batch_size * d.train_length * 8 * 2
+    activations = t.batch_size * d.train_length * (12 * m.hidden_size * m.num_layers + 2 * m.vocab_size) * 4
+    longest = max(config.eval_lengths)
+    evaluation = ev.batch_tokens * m.vocab_size * 4 + m.num_heads * longest * longest * 4
+    prompts = (t.val_prompts * d.train_length
+               + ev.passkey_samples * len(ev.depths) * sum(config.eval_lengths)) * 8
+    return 16 * params + stream + prompts + max(activations, evaluation)

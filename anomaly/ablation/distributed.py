@@ -6,12 +6,28 @@ CPU, NCCL on GPUs), trains on its ``1/N`` share of every global batch with PyTor
 and only rank 0 touches the output folder (config, checkpoints, evaluation, results,
 figures); the other ranks load what rank 0 wrote when they resume. A plain
 ``python -m anomaly.ablation`` is a world of one and uses none of this.
+
+Values left in the environment without torchrun (a ``WORLD_SIZE`` exported by hand, a
+``RANK`` without a ``WORLD_SIZE``, a rank outside the world) are refused in one line
+before anything is written, instead of waiting for processes that never come.
+
+A refusal under torchrun (:func:`refuse_under_torchrun`): torchrun prints its own report,
+with a Python traceback of the launcher, whenever a worker exits non-zero, and nothing
+a worker does can change that (``torch.distributed.run`` re-raises ``ChildFailedError``).
+So that the report is at least about the refusal: rank 0 prints the one line and records
+it in torchrun's error file (the report's "Root Cause" then shows the line instead of "To
+enable traceback see …"), and the other ranks stay silent for up to 30 s, so that rank 0
+is the failure torchrun reports first and the line is printed once (on a busy machine
+the ranks reach the check seconds apart, hence the generous wait).
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -77,10 +93,77 @@ class World:
         return slice(self.rank * per, (self.rank + 1) * per)
 
 
+_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+_UNSET = "unset WORLD_SIZE, RANK and LOCAL_RANK (left from an earlier torchrun?) or start the command with torchrun"
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun (torch.distributed.run) started this process."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def world_from_env() -> World:
-    """The :class:`World` torchrun describes in the environment (a world of one otherwise)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    return World(rank=int(os.environ.get("RANK", "0")), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    """The :class:`World` torchrun describes in the environment (a world of one otherwise).
+
+    Raises:
+        UserError: values that are not whole numbers, a rank outside the world, a rank
+            without a world size, or a world of several processes that torchrun did not
+            start (no ``MASTER_ADDR``/``MASTER_PORT``: joining would wait forever).
+    """
+    values: dict[str, int] = {}
+    for name in _ENV:
+        text = os.environ.get(name)
+        if text is None or text.strip() == "":
+            continue
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise UserError(f"{name}={text!r} in the environment is not a whole number; {_UNSET}") from None
+    if "WORLD_SIZE" not in values:
+        if not any(values.values()):
+            return World()  # RANK=0 or LOCAL_RANK=0 alone: a world of one either way
+        set_ = ", ".join(f"{k}={v}" for k, v in values.items())
+        raise UserError(f"{set_} is set in the environment but WORLD_SIZE is not; {_UNSET}")
+    size, rank, local = values["WORLD_SIZE"], values.get("RANK", 0), values.get("LOCAL_RANK", 0)
+    if size < 1 or not 0 <= rank < size or not 0 <= local < size:
+        raise UserError(f"WORLD_SIZE={size}, RANK={rank}, LOCAL_RANK={local} in the environment do not fit together "
+                        f"(each rank lies in 0 … WORLD_SIZE−1); {_UNSET}")
+    if size > 1 and not under_torchrun() and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        raise UserError(f"WORLD_SIZE={size} is set in the environment, but this process was not started by torchrun "
+                        "(no MASTER_ADDR/MASTER_PORT), so the other processes would never come; "
+                        f"{_UNSET}, e.g. torchrun --nproc_per_node {size} -m anomaly.ablation …")
+    return World(rank=rank, size=size, local_rank=local)
+
+
+SILENT_RANK_WAIT_S = 30.0
+"""How long a rank other than 0 waits, after a refusal under torchrun, for rank 0 to be
+the one that reports it (torchrun stops the others once one worker has failed)."""
+
+
+def refuse_under_torchrun(message: str) -> None:
+    """Prepare the report of a refusal (a :class:`UserError`'s message) under torchrun,
+    before the caller prints it and exits with status 2.
+
+    Rank 0 records the line in torchrun's error file. Another rank first waits up to
+    :data:`SILENT_RANK_WAIT_S`: torchrun ends it once rank 0 has failed, so it prints the
+    line only when rank 0 did not refuse.
+    """
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if path:
+            try:
+                with open(path, "w") as f:
+                    # torchrun's own format (ErrorHandler.record_exception); its report shows
+                    # "py_callstack" as the failure's traceback: here, the one line.
+                    line = f"error: {message}"
+                    json.dump({"message": {"message": line, "extraInfo": {
+                        "py_callstack": line, "timestamp": str(int(time.time()))}}}, f)
+            except OSError:
+                pass  # torchrun's report falls back to its generic line
+        return
+    sys.stderr.flush()
+    time.sleep(SILENT_RANK_WAIT_S)
 
 
 def join(world: World, device: torch.device, batch_size: int) -> torch.device:

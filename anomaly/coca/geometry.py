@@ -159,13 +159,26 @@ def summarise(layers: list[LayerGeometry]) -> dict:
     }
 
 
+def spread_bytes(config, pairs: int, positions: int) -> int:
+    """Peak memory of :func:`slack_relative_spread` on one layer of a model with this
+    (text) config: float64 ``[heads, pairs, ⌈positions/16⌉, head_dim]`` arrays, about four
+    of them alive at once (measured), counted as six. ``0`` when the config does not say
+    its shape."""
+    try:
+        heads = int(config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return 0
+    return heads * pairs * -(-positions // 16) * head_dim * 8 * 6
+
+
 OWNER = "anomaly.coca.geometry"
 """Owner of ``--json`` files in their folder's manifest (see :mod:`anomaly.outputs`)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int | None:
     from anomaly import model_surgery
-    from anomaly.cli import ArgumentParser, check_rope_config, layer_progress, transformers_bars
+    from anomaly.cli import ArgumentParser, check_memory, check_rope_config, layer_progress, transformers_bars
     from anomaly.corpus import default_document
     from anomaly.io import write_json
     from anomaly.models import BUNDLED, load_config, load_model, load_tokenizer
@@ -194,6 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     name = args.model or BUNDLED
     config = load_config(name)
     check_rope_config(name, config, args.tokens, "CoCA's geometry is measured on a RoPE model's contents")
+    check_memory(spread_bytes(model_surgery.text_config(config), args.pairs, args.positions),
+                 f"--pairs {args.pairs} × --positions {args.positions}: the slack scores of one layer",
+                 "lower --pairs or --positions")
     with transformers_bars(enabled=not args.quiet):
         tok = load_tokenizer(name)
         text = default_document()

