@@ -985,3 +985,20 @@ def test_a_folder_in_place_of_an_own_file_is_left_alone(tmp_path):
             (tmp / "a.txt").write_text("new a")
             (tmp / "b.txt").write_text("new b")
     assert snapshot(tmp_path) == before
+
+
+def test_a_failed_directory_swap_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """anomaly.io.atomic_dir (checkpoints): if the new directory cannot be moved in, the
+    previous one is back under its name, complete."""
+    from anomaly.io import atomic_dir
+
+    ckpt = tmp_path / "checkpoint"
+    with atomic_dir(ckpt) as tmp:
+        (tmp / "state.json").write_text("old")
+    _replace_failing(monkeypatch, lambda src, dst: src.endswith(".partial") and dst == str(ckpt))
+    with pytest.raises(OSError):
+        with atomic_dir(ckpt) as tmp:
+            (tmp / "state.json").write_text("new")
+    monkeypatch.undo()
+    assert (ckpt / "state.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]

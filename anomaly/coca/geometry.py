@@ -224,6 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     with layer_progress(model_surgery.text_config(config).num_hidden_layers, "layers", enabled=not args.quiet) as progress:
         layers = measure(model, ids, distances=args.distances, positions=positions, pairs=args.pairs,
                          progress=progress)
+    summary = summarise(layers)
+    # Written before anything is printed: a reader that stops early (| head) costs no file.
+    if target is not None:
+        with target.writing() as tmp:
+            write_json(tmp / args.json.name, {"model": name, "tokens": ids.shape[1], "distances": args.distances,
+                                             "layers": layers, **summary})
     source = f"trained CoCA ({variant})" if variant else "unconverted: k_proj stands in for T"
     print(f"Slack CoCA geometry of {name} ({source}), {ids.shape[1]} tokens of Hamlet")
     print("| layer | " + " | ".join(f"spread/|rel| @ s={s} (median, p90)" for s in args.distances) + " | case-(d) share |")
@@ -231,15 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     for r in layers:
         cells = " | ".join(f"{r.relative_spread[s][0]:.2f}, {r.relative_spread[s][1]:.2f}" for s in args.distances)
         print(f"| {r.layer} | {cells} | {sum(r.case_d_fraction) / len(r.case_d_fraction):.3f} |")
-    summary = summarise(layers)
     overall, case_d = summary["overall_median_spread"], summary["mean_case_d_share"]
     print("median over layers of the per-layer median spread/|relative|: "
           + ", ".join(f"s={s}: {v:.2f}" for s, v in overall.items())
           + f"; mean slack case-(d) share: {case_d:.3f} (strict: 0)")
     if target is not None:
-        with target.writing() as tmp:
-            write_json(tmp / args.json.name, {"model": name, "tokens": ids.shape[1], "distances": args.distances,
-                                             "layers": layers, **summary})
         print(f"wrote {args.json}")
     return None
 
