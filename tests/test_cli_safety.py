@@ -1002,3 +1002,21 @@ def test_a_failed_directory_swap_keeps_the_previous_checkpoint(tmp_path, monkeyp
     monkeypatch.undo()
     assert (ckpt / "state.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_probe_bins_on_a_gpu_are_checked_against_its_memory(monkeypatch):
+    """The blocked statistics on a GPU hold ``[heads·slices, bins+1, bins+1]`` tables for
+    all groups at once: checked against the GPU's memory (here a pretended 80 GiB one)."""
+    from types import SimpleNamespace
+
+    from anomaly.probe.cli import _check_stats_memory
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    config = SimpleNamespace(num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_size=4096,
+                             num_hidden_layers=32)
+    cuda = torch.device("cuda")
+    _check_stats_memory(config, 2048, 64, cuda)  # the default: a few MiB
+    # 32 heads × 64 slices × 1025² × 12 bytes ≈ 24 GiB: fits; 2048 bins ≈ 96 GiB: does not.
+    _check_stats_memory(config, 2048, 1024, cuda)
+    with pytest.raises(UserError, match=r"--bins 2048: .* GiB per layer on the GPU, more than its 80 GiB"):
+        _check_stats_memory(config, 2048, 2048, cuda)
