@@ -37,6 +37,7 @@ from typing import Iterable, Iterator
 
 from anomaly.errors import UserError
 from anomaly.io import write_text
+from anomaly.sameness import same_result
 
 MANIFEST = ".anomaly-outputs.json"
 """File name of the manifest kept in every output folder."""
@@ -143,9 +144,11 @@ class OutputDir:
         manifest = _read_manifest(self.path, self.flag)
         moved_aside: list[str] = []  # previous entries now in ``aside``
         placed: list[str] = []  # staged entries now in the output folder
+        # Decided for all files before any moves (a PDF is judged with its PNG and JSON).
+        same = {name: same_result(self.path / name, stage / name) for name in staged}
         try:
             for name in staged:
-                if not _same_picture(self.path / name, stage / name):
+                if not same[name]:
                     if (self.path / name).is_dir() and not (stage / name).is_dir():
                         # A folder where this command's file was: the user's now, never removed.
                         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(self.path / name))
@@ -187,33 +190,6 @@ def _reason(exc: OSError) -> str:
 def _write_error(out: "OutputDir", exc: OSError) -> UserError:
     return UserError(f"{out.flag} {out.path}: {_reason(exc)}; the previous files there are unchanged "
                      f"(free some space or fix the permission, then run again)")
-
-
-PNG_TOLERANCE = 2 / 255
-"""Largest per-channel difference at which a re-rendered PNG counts as the same picture."""
-
-
-def _same_picture(old: Path, new: Path) -> bool:
-    """Whether ``new`` is a PNG that shows the same picture as the existing ``old``.
-
-    Rasterisation is not bit-exact across CPUs: numpy's vectorised ``log10`` (log-scale
-    axes) differs in the last bit between AVX-512 and older CPUs, which can move the
-    anti-aliasing of a nearly straight line by 1/255 at a few dozen pixels. Keeping the
-    existing file then keeps regeneration byte-for-byte idempotent on every machine, while a
-    real change (a moved curve, new text) differs by far more than :data:`PNG_TOLERANCE`.
-    """
-    if new.suffix.lower() != ".png" or not old.is_file():
-        return False
-    if old.read_bytes() == new.read_bytes():
-        return True
-    import numpy as np
-    from matplotlib import image
-
-    try:
-        a, b = image.imread(old), image.imread(new)  # [rows, cols, channels] in [0, 1]
-    except (OSError, ValueError, SyntaxError):
-        return False  # not a PNG we can read: replace it
-    return a.shape == b.shape and float(np.abs(a - b).max()) <= PNG_TOLERANCE + 1e-6
 
 
 def claim(

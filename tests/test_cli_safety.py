@@ -698,7 +698,7 @@ def test_figures_rerun_on_a_full_disk_keeps_the_previous_figures(tmp_path, monke
     # The re-rendered PNG is the same picture; count it as changed, so that it is really moved.
     import anomaly.outputs as outputs_module
 
-    monkeypatch.setattr(outputs_module, "_same_picture", lambda old, new: False)
+    monkeypatch.setattr(outputs_module, "same_result", lambda old, new: False)
     rc = CLIS["figures"](argv)
     assert_refused(rc, capsys.readouterr().err, ["--out", "decay_bounds.png", "No space left on device"])
     monkeypatch.undo()
