@@ -38,8 +38,9 @@ PER_SEED = ("ppl_per_seed", "passkey_per_seed", "digit_nll_per_seed")
 """``[variant][scaling] → [seed][length]`` tables of results.json."""
 MEANS = ("ppl", "nll", "passkey", "digit_nll")
 """``[variant][scaling] → [length]`` tables (means over seeds)."""
-INTERVALS = {"ppl_ci": "ppl", "passkey_ci": "passkey", "digit_nll_ci": "digit_nll"}
-"""``[variant][scaling] → [length][low, high]`` tables and the mean each brackets."""
+ITEMS = ("passkey_grid_per_seed", "segment_nll_per_seed")
+"""``[variant][scaling] → [seed][length][depth | segment]``: each seed's within-seed items
+(intervals and tests are computed from the per-seed values by anomaly.ablation.analysis)."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,7 +91,8 @@ def test_results_keys_and_shapes(results):
     assert results["variants"] == list(VARIANTS) and results["scalings"] == list(SCALINGS)
     assert config_from_dict(results["config"]) == SMOKE
     assert results["note"] == SMOKE_NOTE
-    for key in (*MEANS, *PER_SEED, *INTERVALS, "passkey_grid", "passkey_grid_ci"):
+    assert not any(k.endswith("_ci") for k in results)  # no pooled intervals: the seed is the unit
+    for key in (*MEANS, *PER_SEED, *ITEMS, "passkey_grid"):
         assert list(results[key]) == list(VARIANTS), key
         for v in VARIANTS:
             assert list(results[key][v]) == list(SCALINGS), (key, v)
@@ -100,15 +102,14 @@ def test_results_keys_and_shapes(results):
                 assert np.shape(results[key][v][s]) == (n_len,), (key, v, s)
             for key in PER_SEED:
                 assert np.shape(results[key][v][s]) == (n_seed, n_len), (key, v, s)
-            for key, mean in INTERVALS.items():
-                ci = np.asarray(results[key][v][s])
-                assert ci.shape == (n_len, 2), (key, v, s)
-                m = np.asarray(results[mean][v][s])
-                assert (ci[:, 0] <= m).all() and (m <= ci[:, 1]).all(), (key, v, s)
-            grid, grid_ci = np.asarray(results["passkey_grid"][v][s]), np.asarray(results["passkey_grid_ci"][v][s])
-            assert grid.shape == (n_len, n_depth) and grid_ci.shape == (n_len, n_depth, 2)
-            assert (grid_ci[..., 0] <= grid).all() and (grid <= grid_ci[..., 1]).all()
+            grid, grids = np.asarray(results["passkey_grid"][v][s]), np.asarray(results["passkey_grid_per_seed"][v][s])
+            assert grid.shape == (n_len, n_depth) and grids.shape == (n_seed, n_len, n_depth)
             assert ((0 <= grid) & (grid <= 1)).all()
+            np.testing.assert_allclose(grid, grids.mean(0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(results["passkey_per_seed"][v][s], grids.mean(2), rtol=1e-5, atol=1e-6)
+            segments = np.asarray(results["segment_nll_per_seed"][v][s])
+            assert segments.shape == (n_seed, n_len, SMOKE.eval.ppl_segments)
+            np.testing.assert_allclose(results["ppl_per_seed"][v][s], np.exp(segments.mean(2)), rtol=2e-5)
 
             # The means are over seeds: equal prompt and segment counts per seed make the
             # passkey and digit-loss means the means of the per-seed ones, and the pooled
@@ -137,6 +138,8 @@ def test_per_seed_tables_follow_each_seeds_own_evaluation(smoke_run, results):
                                            np.mean(ev["passkey_digit_nll"], axis=(1, 2)), rtol=1e-5)
                 np.testing.assert_allclose(results["ppl_per_seed"][v][s][k],
                                            np.exp(np.mean(ev["segment_nll"], axis=1)), rtol=2e-5)
+                np.testing.assert_allclose(results["passkey_grid_per_seed"][v][s][k], exact.mean(2), atol=1e-6)
+                np.testing.assert_allclose(results["segment_nll_per_seed"][v][s][k], ev["segment_nll"], rtol=1e-5)
                 grid = grid + exact.mean(2) / len(results["seeds"])
             np.testing.assert_allclose(results["passkey_grid"][v][s], grid, atol=1e-6)
     # Seeds train different models: their perplexities differ.
@@ -437,8 +440,8 @@ def _snapshot(out: Path) -> dict[str, int]:
             if p.is_file() and "figures" not in p.parts and p.name != "results.json"}
 
 
-SCIENCE_KEYS = ("train_length", "eval_lengths", "seeds", "depths", *MEANS, *PER_SEED, *INTERVALS, "passkey_grid",
-                "passkey_grid_ci", "criterion", "retrieval", "anomalous_fraction", "config", "data", "vocab_hf_ids")
+SCIENCE_KEYS = ("train_length", "eval_lengths", "seeds", "depths", *MEANS, *PER_SEED, *ITEMS, "passkey_grid",
+                "criterion", "retrieval", "anomalous_fraction", "config", "data", "vocab_hf_ids")
 
 
 def test_rerun_is_a_noop_that_reproduces_results(smoke_run, results, capsys):

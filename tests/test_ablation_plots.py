@@ -1,7 +1,8 @@
 """Figures, tables and the plots command of the ablation, drawn from the smoke run's results.
 
 Figures are checked by what they draw, not by pixels: each band's vertices are the 95 %
-interval, each heatmap's cells the passkey grid, each marker the value it stands for. The
+t-interval over seeds (recomputed here from the per-seed values), each heatmap's cells the
+passkey grid with each seed's value, each point the seed it stands for. The
 smoke run reaches no criterion, so a copy with a synthetic "to criterion" reading (one of
 two RoPE seeds reached it) covers that panel.
 """
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from matplotlib.collections import PolyCollection
 
-from anomaly.ablation import plots
+from anomaly.ablation import analysis, plots
 from anomaly.ablation.run import SMOKE_NOTE
 from anomaly.cli import run_main
 
@@ -34,7 +35,8 @@ def results(smoke_run: Path) -> dict:
 
 def with_criterion(results: dict) -> dict:
     """A copy of ``results`` in which RoPE's first seed (of two) reached the criterion at its
-    second validation, with a to-criterion reading unlike any equal-budget one."""
+    second validation, with a to-criterion reading unlike any equal-budget one, and slack
+    both seeds (so that a to-criterion panel has a band too)."""
     r = copy.deepcopy(results)
     n, d = len(r["eval_lengths"]), len(r["depths"])
     passkey = np.linspace(0.9, 0.1, n)
@@ -47,15 +49,24 @@ def with_criterion(results: dict) -> dict:
         "steps": [step] + [None] * (len(r["seeds"]) - 1),
         "seeds_reached": 1,
         "passkey": passkey.tolist(),
-        "passkey_ci": np.stack([passkey - 0.2, np.minimum(passkey + 0.05, 1.0)], 1).tolist(),
         "passkey_per_seed": [passkey.tolist()],
         "passkey_grid": (np.arange(n * d).reshape(n, d) / (n * d)).tolist(),
+        "passkey_grid_per_seed": [(np.arange(n * d).reshape(n, d) / (n * d)).tolist()],
         "digit_nll": digit.tolist(),
-        "digit_nll_ci": np.stack([digit - 0.1, digit + 0.2], 1).tolist(),
         "digit_nll_per_seed": [digit.tolist()],
         "ppl": ppl.tolist(),
-        "ppl_ci": np.stack([ppl * 0.9, ppl * 1.2], 1).tolist(),
         "ppl_per_seed": [ppl.tolist()],
+    }
+    steps = [s["val"]["step"][1] for s in r["training"]["coca_slack"]]
+    for s, run in zip(steps, r["training"]["coca_slack"]):
+        run["criterion_step"] = s
+    two = np.stack([passkey, passkey * 0.5])
+    r["criterion"]["per_variant"]["coca_slack"] = {
+        "steps": steps, "seeds_reached": len(steps),
+        "passkey": two.mean(0).tolist(), "passkey_per_seed": two.tolist(),
+        "passkey_grid": r["passkey_grid"]["coca_slack"]["none"],
+        "digit_nll": digit.tolist(), "digit_nll_per_seed": [digit.tolist(), (digit + 0.3).tolist()],
+        "ppl": (ppl * 1.1).tolist(), "ppl_per_seed": [ppl.tolist(), (ppl * 1.2).tolist()],
     }
     return r
 
@@ -104,19 +115,31 @@ def test_every_figure_renders_and_carries_the_smoke_note(results, reached, crite
     assert "NOTE" not in fig.get_suptitle()
 
 
-def _check_band(fig, gid: str, values, interval, per_seed, scale: float = 1.0) -> None:
-    """The band ``gid/ci`` spans ``interval`` at the x of the line ``gid/mean``, which draws
-    ``values``; the markers ``gid/seed`` draw ``per_seed``."""
+def _check_band(fig, gid: str, per_seed, key: str, scale: float = 1.0) -> None:
+    """The line ``gid/mean`` draws the mean over seeds of ``per_seed`` ``[seed][length]``
+    (perplexity: the geometric mean), the band ``gid/ci`` spans its t-interval over seeds,
+    computed here by hand, and the points ``gid/seed`` are the seeds' values."""
+    v = np.asarray(per_seed, dtype=float)
+    k = v.shape[0]
+    work = np.log(v) if key == "ppl" else v
+    mean = work.mean(0)
     (line,) = _by_gid(fig, f"{gid}/mean")
     x = line.get_xdata()
-    np.testing.assert_allclose(line.get_ydata(), scale * np.asarray(values), rtol=1e-12)
+    back = np.exp if key == "ppl" else (lambda a: a)
+    np.testing.assert_allclose(line.get_ydata(), scale * back(mean), rtol=1e-12)
+    seeds = [m.get_ydata() for m in _by_gid(fig, f"{gid}/seed")]
+    np.testing.assert_allclose(seeds, scale * v, rtol=1e-12)
+    if k < 2:
+        assert not fig.findobj(lambda a: a.get_gid() == f"{gid}/ci")
+        return
+    from scipy import stats  # the t quantile only; the interval itself is written out here
+
+    half = stats.t.ppf(0.975, k - 1) * work.std(0, ddof=1) / np.sqrt(k)
     (band,) = _by_gid(fig, f"{gid}/ci", PolyCollection)
     vertices = band.get_paths()[0].vertices
-    for xi, (low, high) in zip(x, scale * np.asarray(interval)):
+    for xi, low, high in zip(x, scale * back(mean - half), scale * back(mean + half)):
         ys = vertices[np.isclose(vertices[:, 0], xi, rtol=1e-12), 1]
         assert np.isclose(ys, low).any() and np.isclose(ys, high).any(), (gid, xi, low, high, ys)
-    seeds = [m.get_ydata() for m in _by_gid(fig, f"{gid}/seed")]
-    np.testing.assert_allclose(seeds, scale * np.asarray(per_seed), rtol=1e-12)
 
 
 @pytest.mark.parametrize("key, make, scale", [
@@ -128,13 +151,10 @@ def test_lines_bands_and_seeds_are_the_results(reached, key, make, scale, draw):
     fig = draw(make, reached)
     for v in reached["variants"]:
         for s in reached["scalings"]:
-            _check_band(fig, f"{v}/{s}", reached[key][v][s], reached[f"{key}_ci"][v][s],
-                        reached[f"{key}_per_seed"][v][s], scale)
-    crit = reached["criterion"]["per_variant"]["rope"]
-    _check_band(fig, f"rope/{plots.TO_CRITERION}", crit[key], crit[f"{key}_ci"], crit[f"{key}_per_seed"], scale)
-    # The band is really drawn around the line: the interval brackets the mean.
-    ci = np.asarray(crit[f"{key}_ci"])
-    assert np.all(ci[:, 0] <= np.asarray(crit[key])) and np.all(np.asarray(crit[key]) <= ci[:, 1])
+            _check_band(fig, f"{v}/{s}", reached[f"{key}_per_seed"][v][s], key, scale)
+    for v in ("rope", "coca_slack"):  # one seed (no band) and two seeds reached the criterion
+        crit = reached["criterion"]["per_variant"][v]
+        _check_band(fig, f"{v}/{plots.TO_CRITERION}", crit[f"{key}_per_seed"], key, scale)
 
 
 def test_criterion_panel_only_where_a_seed_reached_it(results, reached, draw):
@@ -143,21 +163,25 @@ def test_criterion_panel_only_where_a_seed_reached_it(results, reached, draw):
     titles = [ax.get_title() for ax in draw(plots.passkey_vs_length, reached).axes]
     assert len(titles) == len(results["scalings"]) + 1
     assert "to criterion" in titles[-1]
-    assert "RoPE 1/2" in titles[-1] and "slack 0/2" in titles[-1] and "strict 0/2" in titles[-1]
-    # Only RoPE has a to-criterion reading to draw.
+    assert "RoPE 1/2" in titles[-1] and "slack 2/2" in titles[-1] and "strict 0/2" in titles[-1]
+    # Strict has no to-criterion reading to draw.
     fig = draw(plots.passkey_vs_length, reached)
-    assert not fig.findobj(lambda a: a.get_gid() == f"coca_slack/{plots.TO_CRITERION}/mean")
+    assert not fig.findobj(lambda a: a.get_gid() == f"coca_strict/{plots.TO_CRITERION}/mean")
 
 
 def test_heatmap_cells_are_the_passkey_grid(results, reached, draw):
     r = copy.deepcopy(reached)
     n, d = len(r["eval_lengths"]), len(r["depths"])
+    seeds = len(r["seeds"])
     for i, v in enumerate(r["variants"]):  # distinct values, so a transposed map would show
-        r["passkey_grid"][v]["none"] = ((np.arange(n * d).reshape(n, d) + i) / (n * d + 2)).tolist()
+        per_seed = [(np.arange(n * d).reshape(n, d) + i + 2 * k) / (n * d + 2 * seeds + 2) for k in range(seeds)]
+        r["passkey_grid_per_seed"][v]["none"] = [g.tolist() for g in per_seed]
+        r["passkey_grid"][v]["none"] = np.mean(per_seed, 0).tolist()
     fig = draw(plots.passkey_heatmap, r)
     for v in r["variants"]:
-        for panel, grid in [("none", r["passkey_grid"][v]["none"])] + (
-                [(plots.TO_CRITERION, r["criterion"]["per_variant"][v]["passkey_grid"])] if v == "rope" else []):
+        for panel, grid, per_seed in [("none", r["passkey_grid"][v]["none"], r["passkey_grid_per_seed"][v]["none"])] + (
+                [(plots.TO_CRITERION, r["criterion"]["per_variant"][v]["passkey_grid"],
+                  r["criterion"]["per_variant"][v]["passkey_grid_per_seed"])] if v == "rope" else []):
             (image,) = _by_gid(fig, f"{v}/{panel}/grid")
             np.testing.assert_array_equal(image.get_array(), np.asarray(grid))  # [length, depth]
             ax = image.axes
@@ -168,7 +192,8 @@ def test_heatmap_cells_are_the_passkey_grid(results, reached, draw):
             np.testing.assert_array_equal(ticks, np.arange(d))
             cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
             for (li, di), val in np.ndenumerate(np.asarray(grid)):
-                assert cells[li, di] == f"{100 * val:.0f}"
+                # the mean over seeds, and below it each seed's value in seed order
+                assert cells[li, di] == f"{100 * val:.0f}\n" + "·".join(f"{100 * g[li][di]:.0f}" for g in per_seed)
             assert image.get_cmap().name == "viridis"
     # Without any criterion reading: one row of panels.
     one_row = draw(plots.passkey_heatmap, results)
@@ -179,8 +204,8 @@ def test_digit_loss_marks_guessing(results, draw):
     fig = draw(plots.digit_loss_vs_length, results)
     lines = _by_gid(fig, "guessing")
     assert len(lines) == len(results["scalings"])
-    for line in lines:
-        assert line.get_linestyle() == "--" and np.allclose(line.get_ydata(), math.log(10))
+    for line in lines:  # first digit guessed among 1–9, the other four among 0–9
+        assert line.get_linestyle() == "--" and np.allclose(line.get_ydata(), (math.log(9) + 4 * math.log(10)) / 5)
     labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
     assert any(label.startswith("guessing") for label in labels)
 
@@ -197,7 +222,7 @@ def test_training_shows_mean_loss_validation_and_criterion_steps(reached, draw):
     expected = [100 * first["val"]["exact"][k], first["val"]["digit_nll"][k]]
     assert sorted(float(s.get_ydata()[0]) for s in stars) == sorted(expected)
     assert all(s.get_xdata()[0] == first["criterion_step"] for s in stars)
-    assert not fig.findobj(lambda a: a.get_gid() == "coca_slack/criterion")
+    assert not fig.findobj(lambda a: a.get_gid() == "coca_strict/criterion")
 
 
 def test_retrieval_shows_the_example_rows_and_matching_attention(results, draw):
@@ -226,6 +251,20 @@ def test_anomalous_fraction_bars_are_means_over_seeds(results, draw):
     assert any(np.allclose(line.get_ydata(), plots.CHANCE) for line in dashed)
 
 
+def test_paired_differences_are_each_seeds_difference(results, draw):
+    fig = draw(plots.paired_differences, results)
+    for key in ("passkey", "ppl"):
+        a = np.asarray(results[f"{key}_per_seed"]["coca_slack"]["none"], dtype=float)  # [seed, length]
+        b = np.asarray(results[f"{key}_per_seed"]["rope"]["none"], dtype=float)
+        d = np.log(a) - np.log(b) if key == "ppl" else a - b
+        points = _by_gid(fig, f"{key}/coca_slack-rope/seeds")
+        assert len(points) == len(results["eval_lengths"])
+        for j, line in enumerate(points):  # one point per seed, in seed order
+            np.testing.assert_allclose(line.get_ydata(), d[:, j], rtol=1e-12, atol=1e-15)
+        (means,) = _by_gid(fig, f"{key}/coca_slack-rope/mean")
+        np.testing.assert_allclose(means.get_ydata(), d.mean(0), rtol=1e-12, atol=1e-15)
+
+
 def test_missing_parts_are_said_not_drawn(results, draw):
     r = copy.deepcopy(results)
     r.pop("anomalous_fraction"), r.pop("retrieval"), r.pop("training")
@@ -239,13 +278,13 @@ def test_missing_parts_are_said_not_drawn(results, draw):
 def test_nonfinite_perplexity_is_shown_clipped(results, draw):
     r = copy.deepcopy(results)
     r["ppl"]["rope"]["none"][-1] = math.inf
-    r["ppl"]["rope"]["ntk-2"][-1] = None  # NaN in JSON
-    r["ppl_ci"]["rope"]["none"][-1] = [r["ppl_ci"]["rope"]["none"][-1][0], None]
+    r["ppl_per_seed"]["rope"]["none"][0][-1] = math.inf  # one seed diverged at the longest length
+    r["ppl_per_seed"]["rope"]["ntk-2"][0][-1] = None  # NaN in JSON
     fig = draw(plots.perplexity_vs_length, r)
     labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
     assert "non-finite (clipped)" in labels
     top = fig.axes[0].get_ylim()[1]
-    finite = max(x for x in r["ppl"]["rope"]["none"] if x is not None and math.isfinite(x))
+    finite = max(x for row in r["ppl_per_seed"]["rope"]["none"] for x in row if x is not None and math.isfinite(x))
     assert math.isfinite(top) and top > finite
     (band,) = _by_gid(fig, "rope/none/ci", PolyCollection)
     assert np.isfinite(band.get_paths()[0].vertices).all()  # the diverged bound is pinned, not lost
@@ -256,25 +295,23 @@ def test_nonfinite_perplexity_is_shown_clipped(results, draw):
 # -------------------------------------------------------------------------- tables
 
 
-def test_markdown_table_gives_each_value_with_its_interval(reached):
-    table = plots.markdown_table(reached, "passkey")
+def test_markdown_table_gives_mean_interval_and_each_seed(reached):
+    table = analysis.markdown_table(reached, "passkey")
     rows = table.splitlines()
-    assert len(rows) == 2 + len(reached["variants"]) * len(reached["scalings"]) + 1  # + RoPE to criterion
+    assert len(rows) == 2 + len(reached["variants"]) * len(reached["scalings"]) + 2  # + RoPE, slack to criterion
     first = rows[2].split(" | ")
-    value, (low, high) = reached["passkey"]["rope"]["none"][0], reached["passkey_ci"]["rope"]["none"][0]
-    assert first[2] == f"{value:.2f} [{low:.2f}, {high:.2f}]"
+    s = analysis.series(reached, "passkey", "rope", "none")
+    assert first[2] == f"{s.mean[0]:.2f} [{s.low[0]:.2f}, {s.high[0]:.2f}] (" + " · ".join(
+        f"{x:.3f}" for x in np.asarray(reached["passkey_per_seed"]["rope"]["none"])[:, 0]) + ")"
     crit = [row for row in rows if "to criterion" in row]
-    assert len(crit) == 1 and crit[0].startswith("| RoPE | none, to criterion (1/2 seeds) | 0.90 [0.70, 0.95] |")
-    with pytest.raises(ValueError):
-        plots.markdown_table(reached, "digit_nll")
+    assert len(crit) == 2 and crit[0].startswith("| RoPE | none, to criterion (seeds 0) | 0.90 (seed 0: 0.900) |")
 
 
 def test_markdown_table_names_nonfinite_values(results):
     r = copy.deepcopy(results)
-    r["ppl"]["rope"]["none"][-1] = math.inf
-    r["ppl_ci"]["rope"]["none"][-1] = [None, None]
-    row = plots.markdown_table(r, "ppl").splitlines()[2]
-    assert row.endswith("| inf [n/a, n/a] |")
+    r["ppl_per_seed"]["rope"]["none"][0][-1] = math.inf
+    row = analysis.markdown_table(r, "ppl").splitlines()[2]
+    assert row.endswith("| inf [n/a, n/a] (inf · " + f"{r['ppl_per_seed']['rope']['none'][1][-1]:.1f}) |")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -296,7 +333,7 @@ def test_plots_cli_writes_every_figure(smoke_run, tmp_path, capsys):
         f"x_{name}.{ext}" for name in plots.FIGURES for ext in ("pdf", "png", "json")}
     assert len(capsys.readouterr().out.splitlines()) == len(plots.FIGURES)  # the PDFs
     # A run directory works as well as its results.json.
-    assert plots.load_results(smoke_run) == plots.load_results(smoke_run / "results.json")
+    assert analysis.load_results(smoke_run) == analysis.load_results(smoke_run / "results.json")
 
 
 def _one_line_exit_2(argv, capsys, *words) -> None:
@@ -324,9 +361,9 @@ def test_plots_cli_bad_input_is_one_line_exit_2(results, tmp_path, capsys):
     bad.write_text(json.dumps(old))
     _one_line_exit_2(argv, capsys, "one-seed", "python -m anomaly.ablation")
     r = copy.deepcopy(results)
-    r["ppl_ci"]["coca_slack"]["ntk-4"] = r["ppl_ci"]["coca_slack"]["ntk-4"][:-1]
+    r["ppl_per_seed"]["coca_slack"]["ntk-4"] = r["ppl_per_seed"]["coca_slack"]["ntk-4"][:-1]
     bad.write_text(json.dumps(r))
-    _one_line_exit_2(argv, capsys, "ppl_ci[coca_slack][ntk-4]", "shape")
+    _one_line_exit_2(argv, capsys, "ppl_per_seed[coca_slack][ntk-4]", "shape")
     r = copy.deepcopy(results)
     del r["passkey_grid"]["coca_strict"]
     bad.write_text(json.dumps(r))

@@ -7,9 +7,10 @@ without touching the models::
 
     python -m anomaly.ablation.plots runs/ablation_cpu/results.json --out figures
 
-Every number is drawn with what it rests on: the mean over seeds as a line, each seed's own
-value as a small faint marker, and the 95 % interval of :mod:`anomaly.ablation.intervals`
-(pooled over seeds) as a shaded band. Where some seeds reached the validation criterion,
+Every number is drawn with what it rests on, from :mod:`anomaly.ablation.analysis` (the
+seed is the unit): each seed's own value as a point, the mean over seeds as a line and its
+95 % t-interval over seeds as a shaded band (perplexity: geometric mean, interval on the log
+scale). Where some seeds reached the validation criterion,
 their "to criterion" reading (the weights when validation first reached it, no scaling)
 gets a panel of its own beside the equal-budget ones, its title saying how many seeds
 reached it.
@@ -22,7 +23,6 @@ their panel and named in the legend.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import textwrap
 from pathlib import Path
@@ -35,6 +35,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, NullLocator, PercentFormatter
 
+from anomaly.ablation.analysis import (GUESSING, TO_CRITERION, Series, criterion_of, criterion_reached, grid_per_seed,
+                                       load_results, mean_grid, panels_of, series, variant_contrasts,
+                                       variants_of)
 from anomaly.cli import ArgumentParser, UserError, run_main
 from anomaly.io import Provenance
 from anomaly.outputs import OutputDir, claim
@@ -51,26 +54,12 @@ CHANCE = 0.5
 """Anomalous fraction of directions drawn uniformly at random (docs/conventions.md §3): half of the
 causal triples land in case (d)."""
 
-GUESSING = math.log(10)
-"""Digit loss (nats) of a model that spreads its probability evenly over the ten digits."""
-
-TO_CRITERION = "to criterion"
-"""Panel name of the "to criterion" reading, beside the scalings' names."""
-
-TABLE_SHAPES: dict[str, tuple[str, ...]] = {
-    "ppl": ("length",), "ppl_ci": ("length", "bound"), "ppl_per_seed": ("seed", "length"),
-    "passkey": ("length",), "passkey_ci": ("length", "bound"), "passkey_per_seed": ("seed", "length"),
-    "passkey_grid": ("length", "depth"),
-    "digit_nll": ("length",), "digit_nll_ci": ("length", "bound"), "digit_nll_per_seed": ("seed", "length"),
-}
-"""Tables ``[variant][scaling]`` the figures draw, and the axes of each one's values."""
-
-REQUIRED_KEYS = ("train_length", "eval_lengths", "seeds", "depths", *TABLE_SHAPES)
-
 BAND_ALPHA = 0.18
 """Opacity of a 95 % band."""
-SEED_STYLE = {"ls": "none", "ms": 2.5, "alpha": 0.5, "mew": 0}
-"""Faint markers of the per-seed values."""
+SEED_STYLE = {"ls": "none", "ms": 4, "alpha": 0.85, "mfc": "none", "mew": 1.0}
+"""Hollow markers of the per-seed values, beside the mean's line (every seed is seen)."""
+SEED_NUDGE = 2 ** 0.03
+"""Sideways shift (a factor in log2 x) of the per-seed points from their mean's."""
 
 
 def variant_style(variant: str, index: int = 0) -> dict[str, Any]:
@@ -87,46 +76,6 @@ def scaling_label(scaling: str) -> str:
     if scaling.startswith("ntk-"):
         return f"dynamic NTK, factor {scaling[4:]}"
     return scaling
-
-
-def variants_of(results: dict) -> list[str]:
-    """Variants in the order of ``results["variants"]`` (else of the ``ppl`` table)."""
-    return list(results.get("variants") or results["ppl"])
-
-
-def scalings_of(results: dict) -> list[str]:
-    """Scalings in the order of ``results["scalings"]`` (else of the first variant's table)."""
-    return list(results.get("scalings") or next(iter(results["ppl"].values())))
-
-
-# ------------------------------------------------------------------------- readings
-
-
-def criterion_of(results: dict, variant: str) -> dict:
-    """``results["criterion"]["per_variant"][variant]``, or ``{}`` when the run has none."""
-    return ((results.get("criterion") or {}).get("per_variant") or {}).get(variant) or {}
-
-
-def criterion_reached(results: dict) -> bool:
-    """Whether any seed of any variant reached the validation criterion."""
-    return any(criterion_of(results, v).get("seeds_reached") for v in variants_of(results))
-
-
-def panels_of(results: dict) -> list[str]:
-    """The readings drawn side by side: every scaling, then :data:`TO_CRITERION` if any
-    seed reached the criterion."""
-    return scalings_of(results) + ([TO_CRITERION] if criterion_reached(results) else [])
-
-
-def reading(results: dict, variant: str, panel: str) -> dict | None:
-    """The tables of ``variant`` in ``panel`` (a scaling, or :data:`TO_CRITERION`), the
-    scaling axis removed: ``{"ppl": [length], "ppl_ci": [length][2], …}``; ``None`` where
-    no seed of ``variant`` reached the criterion."""
-    if panel == TO_CRITERION:
-        entry = criterion_of(results, variant)
-        return entry if entry.get("seeds_reached") else None
-    return {k: results[k][variant][panel] for k in (*TABLE_SHAPES, "passkey_grid_ci")
-            if variant in (results.get(k) or {})}
 
 
 def _seeds_reached(results: dict, variant: str) -> str:
@@ -215,22 +164,22 @@ def _bottom_legend(fig: Figure, handles: Sequence[Artist]) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 7), frameon=False)
 
 
-SEED_HANDLE = {"ls": "none", "marker": "o", "ms": 3, "color": "0.45", "alpha": 0.6, "label": "each seed"}
-BAND_HANDLE = {"facecolor": "0.5", "alpha": 2 * BAND_ALPHA, "lw": 0, "label": "95 % interval"}
+SEED_HANDLE = {"ls": "none", "marker": "o", "ms": 4, "mfc": "none", "color": "0.3", "label": "each seed"}
+BAND_HANDLE = {"facecolor": "0.5", "alpha": 2 * BAND_ALPHA, "lw": 0, "label": "95 % t-interval over seeds"}
 
 
-def _draw(ax: plt.Axes, x: np.ndarray, r: dict, key: str, style: dict, gid: str,
+def _draw(ax: plt.Axes, x: np.ndarray, r: Series, style: dict, gid: str,
           scale: float = 1.0, ceiling: float | None = None) -> bool:
-    """``r[key]`` (the mean over seeds) as a line, its 95 % interval ``r[key + "_ci"]`` as a
-    band and each seed's ``r[key + "_per_seed"]`` as faint markers, at positions ``x``.
+    """The mean over seeds of ``r`` as a line, its 95 % t-interval over seeds as a band and
+    each seed's value as a hollow point just beside it, at positions ``x``.
 
     Values are multiplied by ``scale``. With ``ceiling``, non-finite values and bounds are
     drawn at it (hollow triangles for the values); returns whether any was. The band is a
-    ``PolyCollection`` with gid ``gid + "/ci"``, the line a ``Line2D`` with ``gid + "/mean"``,
-    each seed's markers one with ``gid + "/seed"``.
+    ``PolyCollection`` with gid ``gid + "/ci"`` (none with a single seed), the line a
+    ``Line2D`` with ``gid + "/mean"``, each seed's points one with ``gid + "/seed"``.
     """
     pinned = False
-    mean = scale * _values(r[key])
+    mean = scale * r.mean
     ok = np.isfinite(mean)
     ax.plot(x[ok], mean[ok], color=style["color"], marker=style["marker"], ms=3.5, label=style["label"],
             gid=f"{gid}/mean")
@@ -238,27 +187,28 @@ def _draw(ax: plt.Axes, x: np.ndarray, r: dict, key: str, style: dict, gid: str,
         ax.plot(x[~ok], np.full((~ok).sum(), ceiling), ls="none", marker="^", ms=7, mfc="none",
                 mec=style["color"], mew=1.3, clip_on=False)
         pinned = True
-    if f"{key}_ci" in r:
-        low, high = (scale * _values(r[f"{key}_ci"])).T
+    if len(r.seeds) > 1:
+        low, high = scale * r.low, scale * r.high
         if ceiling is not None:  # an interval with a diverged end reaches the ceiling
             low, high = (np.where(np.isfinite(b), b, ceiling) for b in (low, high))
         ax.fill_between(x, low, high, color=style["color"], alpha=BAND_ALPHA, lw=0, gid=f"{gid}/ci")
-    for seed_values in r.get(f"{key}_per_seed") or []:
-        y = scale * _values(seed_values)
+    for seed_values in r.values:
+        y = scale * seed_values
         fin = np.isfinite(y)
-        ax.plot(x[fin], y[fin], marker=style["marker"], color=style["color"], gid=f"{gid}/seed", **SEED_STYLE)
+        ax.plot(x[fin] * SEED_NUDGE, y[fin], marker=style["marker"], color=style["color"], gid=f"{gid}/seed",
+                **SEED_STYLE)
         if ceiling is not None and not fin.all():
-            ax.plot(x[~fin], np.full((~fin).sum(), ceiling), ls="none", marker="^", ms=4, mfc="none",
+            ax.plot(x[~fin] * SEED_NUDGE, np.full((~fin).sum(), ceiling), ls="none", marker="^", ms=4, mfc="none",
                     mec=style["color"], alpha=0.6, clip_on=False)
             pinned = True
     return pinned
 
 
 def _finite_range(results: dict, key: str) -> tuple[float, float]:
-    """Smallest and largest finite value of ``key``, its intervals and per-seed values over
-    every variant and panel (``(1, 10)`` when there is none)."""
-    found = [_values(r[k]).ravel() for v in variants_of(results) for p in panels_of(results)
-             if (r := reading(results, v, p)) for k in (key, f"{key}_ci", f"{key}_per_seed") if k in r]
+    """Smallest and largest finite mean, bound and per-seed value of ``key`` over every
+    variant and panel (``(1, 10)`` when there is none)."""
+    found = [np.concatenate([r.mean, r.low, r.high, r.values.ravel()]) for v in variants_of(results)
+             for p in panels_of(results) if (r := series(results, key, v, p)) is not None]
     x = np.concatenate(found) if found else np.zeros(0)
     x = x[np.isfinite(x)]
     return (float(x.min()), float(x.max())) if x.size else (1.0, 10.0)
@@ -276,9 +226,9 @@ def _vs_length(results: dict, key: str, scale: float = 1.0,
     pinned = False
     for ax, panel in zip(axes, panels):
         for i, v in enumerate(variants):
-            r = reading(results, v, panel)
-            if r is not None and key in r:
-                pinned |= _draw(ax, _nudged(lengths, i, len(variants)), r, key, variant_style(v, i),
+            r = series(results, key, v, panel)
+            if r is not None:
+                pinned |= _draw(ax, _nudged(lengths, i, len(variants)), r, variant_style(v, i),
                                 f"{v}/{panel}", scale, ceiling)
         _length_axis(ax, lengths, T)
         ax.set_title(panel_title(results, panel))
@@ -295,8 +245,8 @@ def _seed_count(results: dict) -> str:
 
 def perplexity_vs_length(results: dict) -> Figure:
     """Sliding-window perplexity against evaluation length, one panel per RoPE scaling
-    (the layout of the paper's Fig. 1): mean over seeds, 95 % band, each seed. Log-log
-    axes; the dotted line is the training length."""
+    (the layout of the paper's Fig. 1): geometric mean over seeds, 95 % t-interval over
+    seeds (on the log scale), each seed. Log-log axes; the dotted line is the training length."""
     lo, hi = _finite_range(results, "ppl")
     ceiling = hi * 2.0  # where non-finite values are drawn
     fig, axes, pinned = _vs_length(results, "ppl", ceiling=ceiling)
@@ -310,7 +260,7 @@ def perplexity_vs_length(results: dict) -> Figure:
                                 label="non-finite (clipped)"))
     _legend(fig, axes, int(results["train_length"]), extra)
     tokens = results.get("ppl_scored_tokens")
-    return _finish(fig, results, f"Perplexity vs length (exp of the mean NLL over {_seed_count(results)}"
+    return _finish(fig, results, f"Perplexity vs length (geometric mean over {_seed_count(results)}, band on the log scale"
                    + (f", {tokens} scored tokens per length" if tokens else "") + ")")
 
 
@@ -330,7 +280,8 @@ def passkey_vs_length(results: dict) -> Figure:
 def digit_loss_vs_length(results: dict) -> Figure:
     """Mean loss on the passkey's digits against evaluation length, same layout as
     :func:`passkey_vs_length`. A model that has not learned retrieval sits at or above
-    the dashed line, ``ln 10`` (guessing among the ten digits)."""
+    the dashed line, :data:`~anomaly.ablation.analysis.GUESSING` (2.28 nats: guessing the
+    first digit among 1–9 and the other four among 0–9)."""
     fig, axes, _ = _vs_length(results, "digit_nll")
     for ax in axes:
         ax.axhline(GUESSING, color=PALETTE["black"], ls="--", lw=1, zorder=0, gid="guessing")
@@ -338,7 +289,7 @@ def digit_loss_vs_length(results: dict) -> Figure:
                      textcoords="offset points", va="bottom", fontsize=7)
     axes[0].set_ylim(bottom=0)
     axes[0].set_ylabel("digit loss (nats per digit)")
-    guess = plt.Line2D([], [], color=PALETTE["black"], ls="--", lw=1, label=f"guessing: ln 10 = {GUESSING:.2f}")
+    guess = plt.Line2D([], [], color=PALETTE["black"], ls="--", lw=1, label=f"guessing: {GUESSING:.2f}")
     _legend(fig, axes, int(results["train_length"]), [plt.Line2D([], [], **SEED_HANDLE), Patch(**BAND_HANDLE), guess])
     return _finish(fig, results, f"Passkey digit loss vs length (teacher-forced, mean over {_seed_count(results)})")
 
@@ -347,7 +298,9 @@ def passkey_heatmap(results: dict) -> Figure:
     """Exact passkey retrieval (no scaling) per evaluation length × depth of the key
     sentence, one panel per variant: the equal-budget models, and below them the "to
     criterion" ones where some seed reached it. Depth 0 puts the key at the start of the
-    context, 1 just before the question."""
+    context, 1 just before the question. Each cell gives the mean over seeds and, where the
+    run recorded them (``passkey_grid_per_seed``), each seed's value below it (up to
+    :data:`CELL_SEEDS` seeds; beyond, their range)."""
     apply_style()
     lengths, depths, T = list(results["eval_lengths"]), list(results["depths"]), int(results["train_length"])
     variants = variants_of(results)
@@ -356,24 +309,29 @@ def passkey_heatmap(results: dict) -> Figure:
                              sharex=True, sharey=True, constrained_layout=True, squeeze=False)
     samples = results.get("passkey_samples")
     image = None
+    recorded = True
     for row, panel in zip(axes, rows):
         for i, (ax, v) in enumerate(zip(row, variants)):
             ax.grid(False)
             st = variant_style(v, i)
-            r = reading(results, v, panel)
+            grid = mean_grid(results, v, panel)  # [length, depth]
+            seeds = grid_per_seed(results, v, panel)
+            recorded &= seeds is not None or grid is None
             if panel == "none":
                 ax.set_title(f"{st['label']}, equal budget")
             else:
                 ax.set_title(f"{st['label']}, to criterion\n({_seeds_reached(results, v)} seeds)")
-            if r is None:
+            if grid is None:
                 ax.text(0.5, 0.5, "no seed reached\nthe criterion", ha="center", va="center", transform=ax.transAxes)
                 continue
-            grid = _values(r["passkey_grid"])  # [length, depth]
             image = ax.imshow(grid, origin="lower", aspect="auto", cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0,
                               interpolation="nearest", gid=f"{v}/{panel}/grid")
             for (li, di), val in np.ndenumerate(grid):
                 missing = math.isnan(val)
-                ax.text(di, li, "n/a" if missing else f"{100 * val:.0f}", ha="center", va="center", fontsize=6.5,
+                text = "n/a" if missing else f"{100 * val:.0f}"
+                if seeds is not None and not missing:
+                    text += "\n" + _cell_seeds([100 * g[li, di] for g in seeds.values()])
+                ax.text(di, li, text, ha="center", va="center", fontsize=6.5 if seeds is None else 5,
                         color="black" if missing or val >= 0.6 else "white")  # viridis is dark at its low end
     for ax in axes[-1]:
         ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
@@ -386,8 +344,21 @@ def passkey_heatmap(results: dict) -> Figure:
         cb.set_label("exact passkey retrieval (% of prompts)")
         cb.ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     per_cell = f", {samples} prompts per cell and seed" if samples else ""
-    return _finish(fig, results, f"Passkey retrieval (%) by length and depth, no scaling "
-                   f"(pooled over {_seed_count(results)}{per_cell})")
+    seeds_note = ("each seed below the mean" if recorded else
+                  "this run kept no per-seed cells; each seed by length: ablation_passkey")
+    return _finish(fig, results, f"Passkey retrieval (%) by length and depth, no scaling\n"
+                   f"(mean over {_seed_count(results)}{per_cell}; {seeds_note})")
+
+
+CELL_SEEDS = 4
+"""Most seeds whose values a heatmap cell lists; beyond, it gives their range."""
+
+
+def _cell_seeds(values: Sequence[float]) -> str:
+    """``"67·100·0"`` (each seed, in seed order), or ``"0–100"`` for more than :data:`CELL_SEEDS`."""
+    if len(values) > CELL_SEEDS:
+        return f"{min(values):.0f}–{max(values):.0f}"
+    return "·".join(f"{v:.0f}" for v in values)
 
 
 def _mean_curve(curves: list[dict], key: str) -> tuple[list, np.ndarray]:
@@ -457,7 +428,7 @@ def training_curves(results: dict) -> Figure:
     if starred:
         extra.append(plt.Line2D([], [], ls="none", marker="*", ms=10, mfc="none", mec=PALETTE["black"],
                                 label="criterion reached"))
-    extra.append(plt.Line2D([], [], color=PALETTE["black"], ls="--", lw=1, label="guessing: ln 10"))
+    extra.append(plt.Line2D([], [], color=PALETTE["black"], ls="--", lw=1, label=f"guessing: {GUESSING:.2f}"))
     _legend(fig, [ax["loss"]], None, extra)
     config = results.get("config") or {}
     prompts = (config.get("train") or {}).get("val_prompts")
@@ -577,6 +548,54 @@ def anomalous_fraction(results: dict) -> Figure:
                    + (f" ({tokens.pop()} held-out tokens)" if len(tokens) == 1 else ""))
 
 
+PAIR_STYLE = {("coca_slack", "rope"): PALETTE["blue"], ("coca_strict", "rope"): PALETTE["green"],
+              ("coca_strict", "coca_slack"): PALETTE["black"]}
+"""Colour of each paired comparison in :func:`paired_differences`."""
+
+
+def paired_differences(results: dict) -> Figure:
+    """The variant comparisons as the verdicts read them: for each pair of
+    :data:`~anomaly.ablation.analysis.VARIANT_PAIRS`, no scaling, the per-seed differences
+    ``a − b`` (each seed a point), their mean and 95 % t-interval over seeds (error bar),
+    against length; one panel for the passkey share, one for log-perplexity (nats per token).
+    A difference is only established where the interval misses 0 *and* the exact sign-flip
+    test gives p < 0.05 (docs/ablation.md, "Verdicts")."""
+    apply_style()
+    lengths, T = list(results["eval_lengths"]), int(results["train_length"])
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4), constrained_layout=True)
+    handles: list[Artist] = []
+    for ax, key, label in ((axes[0], "passkey", "Δ exact passkey share (a − b)"),
+                           (axes[1], "ppl", "Δ log-perplexity, nats per token (a − b)")):
+        contrasts = variant_contrasts(results, key, "none")
+        pairs = list(dict.fromkeys((c.a, c.b) for c in contrasts))
+        for i, pair in enumerate(pairs):
+            colour = PAIR_STYLE.get(pair, CYCLE[i % len(CYCLE)])
+            rows = [c for c in contrasts if (c.a, c.b) == pair]
+            x = _nudged([c.length for c in rows], i, len(pairs))
+            mean = np.array([c.stat.estimate for c in rows])
+            low = np.array([c.stat.low for c in rows])
+            high = np.array([c.stat.high for c in rows])
+            name = f"{variant_style(pair[0])['short']} − {variant_style(pair[1])['short']}"
+            bars = ax.errorbar(x, mean, yerr=[mean - low, high - mean], color=colour, marker="_", ms=10, lw=1.2,
+                               capsize=2.5, ls="none", label=name)
+            bars.lines[0].set_gid(f"{key}/{pair[0]}-{pair[1]}/mean")  # the marker line of the means
+            for j, c in enumerate(rows):
+                ax.plot(np.full(c.stat.n, x[j] * SEED_NUDGE), c.stat.differences, ls="none", marker="o", ms=3.5,
+                        mfc="none", mec=colour, alpha=0.85, gid=f"{key}/{pair[0]}-{pair[1]}/seeds")
+            if key == "passkey":
+                handles.append(bars)
+        ax.axhline(0, color=PALETTE["black"], lw=0.8, zorder=0)
+        _length_axis(ax, lengths, T)
+        ax.set_ylabel(label)
+    axes[0].set_title("passkey retrieval, no scaling")
+    axes[1].set_title("perplexity (log scale), no scaling")
+    handles += [plt.Line2D([], [], ls="none", marker="o", ms=3.5, mfc="none", color="0.3", label="each seed"),
+                plt.Line2D([], [], color=PALETTE["black"], ls=":", lw=1, label=f"training length {T}")]
+    _bottom_legend(fig, handles)
+    return _finish(fig, results, f"Paired differences between variants, seed by seed ({_seed_count(results)}; "
+                   "bars: mean and 95 % t-interval over seeds)")
+
+
 FIGURES = {
     "ppl": perplexity_vs_length,
     "passkey": passkey_vs_length,
@@ -585,67 +604,12 @@ FIGURES = {
     "training": training_curves,
     "retrieval": retrieval_head,
     "anomalous_fraction": anomalous_fraction,
+    "differences": paired_differences,
 }
 """Figure name → function; :func:`save_all` writes ``<prefix>_<name>.{pdf,png,json}``."""
 
 
-# ------------------------------------------------------------------- loading, checks
-
-
-def _check_shape(values: Any, expected: tuple[int, ...], axes: Sequence[str], where: str) -> None:
-    try:
-        shape = _values(values).shape
-    except (TypeError, ValueError):
-        raise UserError(f"{where} is not a table of numbers; is it an ablation results.json?") from None
-    if shape != expected:
-        raise UserError(f"{where} has shape {list(shape)} where [{', '.join(axes)}] = {list(expected)} "
-                        "was expected; is the file complete?")
-
-
-def check_results(results: Any, source: str = "results") -> dict:
-    """``results`` if it has the keys and shapes the figures need; a :class:`UserError` otherwise."""
-    if not isinstance(results, dict):
-        raise UserError(f"{source} is not an ablation results object (a JSON object is expected)")
-    if "ppl" in results and "ppl_per_seed" not in results:
-        raise UserError(f"{source} is a results.json of the earlier one-seed ablation, without the per-seed values "
-                        "and intervals these figures draw; run python -m anomaly.ablation again for a current one")
-    missing = [k for k in REQUIRED_KEYS if k not in results]
-    if missing:
-        raise UserError(f"{source} lacks {', '.join(missing)}; is it an ablation results.json?")
-    try:
-        dims = {"length": len(results["eval_lengths"]), "seed": len(results["seeds"]),
-                "depth": len(results["depths"]), "bound": 2}
-        int(results["train_length"])
-        for key, axes in TABLE_SHAPES.items():
-            expected = tuple(dims[a] for a in axes)
-            for v in variants_of(results):
-                for s in scalings_of(results):
-                    _check_shape(results[key][v][s], expected, axes, f"{source}: {key}[{v}][{s}]")
-        for v in variants_of(results):
-            entry = criterion_of(results, v)
-            for key, axes in TABLE_SHAPES.items():
-                if entry.get("seeds_reached") and key in entry:
-                    expected = tuple(entry["seeds_reached"] if a == "seed" else dims[a] for a in axes)
-                    _check_shape(entry[key], expected, axes, f"{source}: criterion {key}[{v}]")
-    except (AttributeError, TypeError, ValueError, KeyError, StopIteration) as exc:
-        what = f" ({exc.args[0]!r} missing)" if isinstance(exc, KeyError) else ""
-        raise UserError(f"{source}: the tables must map variant -> scaling -> values for every variant and "
-                        f"scaling{what}; is it an ablation results.json?") from None
-    return results
-
-
-def load_results(path: str | Path) -> dict:
-    """Load ``path`` (a ``results.json`` or a run directory holding one), checked."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "results.json"
-    if not path.is_file():
-        raise UserError(f"no results file at {path}; give a results.json or an ablation --out directory")
-    try:
-        results = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})") from None
-    return check_results(results, str(path))
+# ------------------------------------------------------------------------- outputs
 
 
 OWNER = "anomaly.ablation.plots"
@@ -672,44 +636,6 @@ def save_all(results: dict, out_dir: str | Path, provenance: Provenance, prefix:
         finally:
             plt.close(fig)
     return paths
-
-
-# --------------------------------------------------------------------------- tables
-
-
-def _number(value: Any) -> str:
-    if value is None or math.isnan(value):
-        return "n/a"
-    return "inf" if math.isinf(value) else f"{value:.2f}"
-
-
-def _with_interval(value: Any, interval: Sequence[Any] | None) -> str:
-    """``"0.93 [0.88, 0.96]"``; the value alone where there is no interval."""
-    if interval is None:
-        return _number(value)
-    low, high = interval
-    return f"{_number(value)} [{_number(low)}, {_number(high)}]"
-
-
-def markdown_table(results: dict, key: str = "ppl") -> str:
-    """``ppl`` or ``passkey`` (exact-match share) as a Markdown table, each value with its
-    95 % interval: one row per variant × reading (every scaling, then "to criterion" where
-    some seed reached it), one column per evaluation length (``×`` multiples of ``T``)."""
-    if key not in ("ppl", "passkey"):
-        raise ValueError(f"key must be 'ppl' or 'passkey', got {key!r}")
-    T, lengths = results["train_length"], results["eval_lengths"]
-    head = ["variant", "scaling"] + [f"{n} ({n / T:g}×)" for n in lengths]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for i, v in enumerate(variants_of(results)):
-        for panel in panels_of(results):
-            r = reading(results, v, panel)
-            if r is None or key not in r:
-                continue
-            name = panel if panel != TO_CRITERION else f"none, to criterion ({_seeds_reached(results, v)} seeds)"
-            intervals = r.get(f"{key}_ci") or [None] * len(lengths)
-            cells = [variant_style(v, i)["label"], name] + [_with_interval(x, ci) for x, ci in zip(r[key], intervals)]
-            rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
 
 
 # ------------------------------------------------------------------------------ CLI

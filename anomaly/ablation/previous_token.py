@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from anomaly.ablation.config import VARIANTS
-from anomaly.ablation.intervals import proportion_ci
+from anomaly.ablation.seed_stats import proportion
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def train_previous_token(config: PreviousTokenConfig, variant: str) -> dict:
     on_self = attn.diagonal(offset=1, dim1=-2, dim2=-1).mean((0, 2))  # [heads]
     on_prev = attn.diagonal(offset=0, dim1=-2, dim2=-1).mean((0, 2))  # [heads]
     head = int(on_prev.argmax())
-    return {"variant": variant, "accuracy": k / n, "ci": list(proportion_ci(k, n)), "tokens": n,
+    return {"variant": variant, "accuracy": k / n, "ci": list(proportion(k, n, method="wilson").interval), "tokens": n,
             "chance": 1 / config.vocab_size, "final_loss": float(loss.detach()),
             "head": head, "attention_on_previous": float(on_prev[head]), "attention_on_self": float(on_self[head]),
             "seconds": time.perf_counter() - start}

@@ -31,13 +31,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from anomaly.ablation import intervals
 from anomaly.ablation.config import VARIANTS, AblationConfig, config_from_dict
 from anomaly.ablation.data import AblationData, build_data
 from anomaly.ablation.distributed import World, join, leave
 from anomaly.ablation.evaluate import evaluate_scaling, passkey_scores, set_scaling, validation_prompts
 from anomaly.ablation.geometry import anomalous_fractions, coefficient_sparsity, slack_spread
 from anomaly.ablation.retrieval import retrieval_attention
+from anomaly.ablation.seed_stats import ppl_of
 from anomaly.ablation.train import CHECKPOINT, CRITERION, TrainState, build_model, load_checkpoint, train
 from anomaly.errors import UserError
 from anomaly.io import Provenance, write_json
@@ -257,28 +257,29 @@ def _pooled(per_seed: list[dict], key: str) -> np.ndarray:
 
 
 def _summaries(evals: list[dict]) -> dict:
-    """Means over seeds, per-seed values and 95 % intervals of one variant under one
-    scaling (``evals``: that scaling's :class:`ScalingResult` dicts, one per seed)."""
+    """Per-seed values and means over seeds of one variant under one scaling (``evals``:
+    that scaling's :class:`ScalingResult` dicts, one per seed). Intervals and tests are not
+    stored: :mod:`anomaly.ablation.analysis` computes them from the per-seed values, with
+    the seed as the unit."""
     exact = _pooled(evals, "passkey_exact")  # [seed, length, depth, prompt]
     digits = _pooled(evals, "passkey_digit_nll")  # [seed, length, depth, prompt]
     out = {
         "passkey": exact.mean(axis=(0, 2, 3)).tolist(),
         "passkey_per_seed": exact.mean(axis=(2, 3)).tolist(),
-        "passkey_ci": [intervals.proportion_ci(e.sum(), e.size) for e in exact.swapaxes(0, 1)],
         "passkey_grid": exact.mean(axis=(0, 3)).tolist(),
-        "passkey_grid_ci": [[intervals.proportion_ci(c.sum(), c.size) for c in e.swapaxes(0, 1)]
-                            for e in exact.swapaxes(0, 1)],
+        "passkey_grid_per_seed": exact.mean(axis=3).tolist(),  # [seed, length, depth]
         "digit_nll": digits.mean(axis=(0, 2, 3)).tolist(),
         "digit_nll_per_seed": digits.mean(axis=(2, 3)).tolist(),
-        "digit_nll_ci": [intervals.mean_ci(d) for d in digits.swapaxes(0, 1)],
     }
     if evals[0]["segment_nll"]:
         seg = _pooled(evals, "segment_nll")  # [seed, length, segment]
         out.update(
-            ppl=[intervals.pooled_ppl(s) for s in seg.swapaxes(0, 1)],
-            ppl_per_seed=np.vectorize(intervals.pooled_ppl, signature="(n)->()")(seg).tolist(),
-            ppl_ci=[intervals.ppl_ci(s) for s in seg.swapaxes(0, 1)],
+            # exp of the mean NLL over every seed's segments: the geometric mean over seeds
+            # of their perplexities, as every seed scores the same segments
+            ppl=[ppl_of(float(s.mean())) for s in seg.swapaxes(0, 1)],
+            ppl_per_seed=np.vectorize(lambda s: ppl_of(float(s.mean())), signature="(n)->()")(seg).tolist(),
             nll=seg.mean(axis=(0, 2)).tolist(),
+            segment_nll_per_seed=seg.tolist(),
         )
     return out
 
@@ -286,8 +287,8 @@ def _summaries(evals: list[dict]) -> dict:
 def assemble(config: AblationConfig, data: AblationData, per_variant: dict[str, list[dict]],
              states: dict[str, list[TrainState]], device: torch.device, seconds: float) -> dict:
     """The ``results.json`` dict (keys fixed by the issues: ``train_length``, ``eval_lengths``,
-    ``seeds``, ``ppl``/``passkey`` ``[variant][scaling]`` (means over seeds), their
-    ``*_per_seed`` and ``*_ci``; see docs/ablation.md for every key)."""
+    ``seeds``, ``ppl``/``passkey`` ``[variant][scaling]`` (means over seeds) and their
+    ``*_per_seed``; see docs/ablation.md for every key)."""
     scalings = list(config.eval.scalings)
     tables: dict[str, dict] = {}
     for v, runs in per_variant.items():
