@@ -26,7 +26,7 @@ from typing import Callable, Iterator, NoReturn, Sequence
 from anomaly.errors import EXIT_USER_ERROR, UserError
 
 __all__ = [
-    "EXIT_BROKEN_PIPE", "EXIT_USER_ERROR", "ArgumentParser", "UserError", "check_memory", "check_rope_config",
+    "EXIT_BROKEN_PIPE", "EXIT_USER_ERROR", "ArgumentParser", "UserError", "check_memory",
     "finite_float", "layer_progress", "machine_memory", "positive_int", "run_main", "transformers_bars",
 ]
 
@@ -144,19 +144,6 @@ def transformers_bars(enabled: bool) -> Iterator[None]:
         yield
     finally:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
-
-
-def check_rope_config(name: str, config, tokens: int, why: str) -> None:
-    """Refuse, before any weight is loaded, a model without RoPE or with fewer positions than
-    ``--tokens``. ``why`` says in the user's terms what the command needs RoPE for."""
-    from anomaly import model_surgery
-
-    if not model_surgery.has_rope(config):
-        raise UserError(f"{name} ({config.model_type}) has no rotary position embedding (RoPE); "
-                        f"{why}, pick a RoPE model")
-    max_pos = model_surgery.max_positions_of(config)
-    if max_pos and tokens > max_pos:
-        raise UserError(f"--tokens {tokens} exceeds the model's {max_pos} positions; use --tokens {max_pos} or fewer")
 
 
 @contextlib.contextmanager

@@ -25,8 +25,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from anomaly.errors import UserError
+from anomaly import model_surgery
 from anomaly.corpus import package_dir
+from anomaly.errors import UserError
 
 MODELS: dict[str, str] = {
     "llama-7b": "huggyllama/llama-7b",
@@ -323,3 +324,13 @@ def load_model(
         model = model.to(dev)
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=name_or_path, source=source, note=note)
 
+
+def check_rope_config(name: str, config, tokens: int, why: str) -> None:
+    """Refuse, before any weight is loaded, a model without RoPE or with fewer positions than
+    ``--tokens``. ``why`` says in the user's terms what the command needs RoPE for."""
+    if not model_surgery.has_rope(config):
+        raise UserError(f"{name} ({config.model_type}) has no rotary position embedding (RoPE); "
+                        f"{why}, pick a RoPE model")
+    max_pos = model_surgery.max_positions_of(config)
+    if max_pos and tokens > max_pos:
+        raise UserError(f"--tokens {tokens} exceeds the model's {max_pos} positions; use --tokens {max_pos} or fewer")

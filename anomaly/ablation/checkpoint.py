@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from anomaly.ablation.config import VARIANTS, AblationConfig, config_from_dict
-from anomaly.ablation.run import seed_dir
-from anomaly.ablation.train import CHECKPOINT, build_model, load_checkpoint
+from anomaly.ablation.train import CHECKPOINT, build_model, load_checkpoint, seed_dir
 from anomaly.errors import UserError
 from anomaly.models import LoadedModel, check_safetensors
 
@@ -41,7 +40,7 @@ class VocabTokenizer:
 
 
 SEED_DIR = re.compile(r"seed(\d+)")
-"""Name of a seed's folder inside a variant's (:func:`anomaly.ablation.run.seed_dir`)."""
+"""Name of a seed's folder inside a variant's (:func:`anomaly.ablation.train.seed_dir`)."""
 
 
 @dataclass(frozen=True)

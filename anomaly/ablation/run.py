@@ -38,7 +38,9 @@ from anomaly.ablation.evaluate import evaluate_scaling, passkey_scores, set_scal
 from anomaly.ablation.geometry import anomalous_fractions, coefficient_sparsity, slack_spread
 from anomaly.ablation.retrieval import retrieval_attention
 from anomaly.ablation.seed_stats import ppl_of
-from anomaly.ablation.train import CHECKPOINT, CRITERION, TrainState, build_model, load_checkpoint, train
+from anomaly.ablation.train import (
+    CHECKPOINT, CRITERION, TrainState, build_model, load_checkpoint, seed_dir, train,
+)
 from anomaly.errors import UserError
 from anomaly.io import Provenance, write_json
 from anomaly.models import resolve_device
@@ -46,11 +48,6 @@ from anomaly.models import resolve_device
 SMOKE_NOTE = ("smoke preset: a plumbing check of every step on a model too small and too briefly "
               "trained to mean anything; its numbers are not results")
 """Printed at the start and the end of a smoke run and recorded in its results."""
-
-
-def seed_dir(out: Path, variant: str, seed: int) -> Path:
-    """Folder of one trained model: ``out/<variant>/seed<seed>``."""
-    return out / variant / f"seed{seed}"
 
 
 def check_config(out: Path, config: AblationConfig) -> None:

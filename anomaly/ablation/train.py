@@ -32,6 +32,11 @@ from anomaly.errors import UserError
 from anomaly.model_surgery import attention_module, decoder_layers
 from anomaly.io import atomic_dir
 
+def seed_dir(out: Path, variant: str, seed: int) -> Path:
+    """Folder of one trained model in a run folder: ``out/<variant>/seed<seed>``."""
+    return out / variant / f"seed{seed}"
+
+
 CHECKPOINT = "checkpoint"
 """Name of a variant's checkpoint directory (``model.safetensors``, ``optimizer.safetensors``,
 ``state.json``)."""

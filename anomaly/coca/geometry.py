@@ -178,10 +178,10 @@ OWNER = "anomaly.coca.geometry"
 
 def main(argv: Sequence[str] | None = None) -> int | None:
     from anomaly import model_surgery
-    from anomaly.cli import ArgumentParser, check_memory, check_rope_config, layer_progress, transformers_bars
+    from anomaly.cli import ArgumentParser, check_memory, layer_progress, transformers_bars
     from anomaly.corpus import default_document
     from anomaly.io import write_json
-    from anomaly.models import BUNDLED, load_config, load_model, load_tokenizer
+    from anomaly.models import BUNDLED, check_rope_config, load_config, load_model, load_tokenizer
     from anomaly.outputs import claim_file
 
     ap = ArgumentParser(prog="python -m anomaly.coca.geometry", description=__doc__.split("\n\n")[0])

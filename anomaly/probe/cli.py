@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from anomaly.cli import (
-    ArgumentParser, UserError, check_memory, check_rope_config, layer_progress, run_main, transformers_bars,
+    ArgumentParser, UserError, check_memory, layer_progress, run_main, transformers_bars,
 )
 from anomaly.io import Provenance, write_json
 from anomaly.outputs import OutputDir, claim
@@ -134,7 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     use_file_backend()
     from anomaly import model_surgery
     from anomaly.ablation.checkpoint import find_checkpoint
-    from anomaly.models import load_config, load_model, load_tokenizer, resolve_device, resolve_dtype
+    from anomaly.models import (
+        check_rope_config, load_config, load_model, load_tokenizer, resolve_device, resolve_dtype,
+    )
     from anomaly.probe.core import probe
 
     if args.tokens is not None and args.tokens < 2:
