@@ -547,3 +547,162 @@ def test_coca_init_gain_scales_the_initial_logits_as_a_cube():
         assert gained / plain == pytest.approx(1.75**3, rel=1e-4)
         assert 3 < rope / plain < 8
         assert 0.67 < rope / gained < 1.5
+
+
+# ------------------------------------------------------- the analysis run's protocol (issue 17)
+
+
+SWEEP_LRS = {"rope": 5e-4, "coca_slack": 2e-3, "coca_strict": 1e-3}
+"""A hand-made sweep's chosen learning rates (different for every variant)."""
+
+
+def _sweep_summary(path: Path, **change) -> Path:
+    """A learning-rate sweep summary as ``anomaly.ablation.sweep --summarise`` writes it."""
+    summary = {"rule": "hand-made", "complete": True, "finished": 18, "expected": 18, "missing": [],
+               "variants": list(VARIANTS), "lrs": [5e-4, 1e-3, 2e-3], "tuning_seeds": [100, 101],
+               "table": {}, "chosen": dict(SWEEP_LRS), **change}
+    path.write_text(json.dumps(summary))
+    return path
+
+
+def test_matched_step_is_criterion_plus_k_within_the_cap():
+    from anomaly.ablation.train import matched_step
+
+    cpu_seeds = get_preset("cpu-seeds")
+    assert cpu_seeds.train.matched_steps == 500 and cpu_seeds.train.steps == 3000
+    assert matched_step(cpu_seeds, 1200) == 1700
+    assert matched_step(cpu_seeds, 2500) == 3000  # the last step: the final model is the matched one
+    assert matched_step(cpu_seeds, 2600) is None  # beyond the cap: the stage is not reached
+    assert matched_step(cpu_seeds, None) is None
+    assert matched_step(get_preset("cpu"), 1200) is None  # the other presets take no snapshot
+
+
+def test_analysis_run_protocol_end_to_end(tmp_path, capsys):
+    """The analysis run's protocol on the smoke model: each variant trains at the sweep's
+    learning rate, the matched-stage snapshot is taken at criterion + K, and a run whose
+    weights are gone resumes from its JSON files alone, without training."""
+    from anomaly.ablation.train import MATCHED, learning_rate, train
+
+    out = tmp_path / "seeds"  # its own token cache: the command claims the folder's entries
+    K = 6
+    argv = ["--preset", "smoke", "--out", str(out), "--seeds", "1", "--no-figures",
+            "--lr-from", str(_sweep_summary(tmp_path / "sweep.json")),
+            # criterion 0: reached at the step-0 validation, so the snapshot falls at step K
+            "--set", "train.criterion=0", "--set", f"train.matched_steps={K}",
+            "--set", "eval.length_multipliers=1,2", "--set", "eval.scalings=none,ntk-2"]
+    assert run_main(ablation_main, argv) == 0
+    first = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    config = config_from_dict(results["config"])
+
+    # (a) each variant's learning rate is recorded and is the one its optimiser used
+    assert results["lr"] == SWEEP_LRS and dict(config.train.lr_by_variant) == SWEEP_LRS
+    for v in VARIANTS:
+        assert f"[{v} seed 0] training at peak lr {SWEEP_LRS[v]:g}" in first
+        run_ = results["training"][v][0]
+        assert run_["lr"] == SWEEP_LRS[v]
+        # the curve records the rate applied at the step before each logged step
+        want = [learning_rate(config.for_variant(v), step - 1) for step in run_["curve"]["step"]]
+        np.testing.assert_allclose(run_["curve"]["lr"], want, rtol=1e-5)
+    peak = {v: max(results["training"][v][0]["curve"]["lr"]) for v in VARIANTS}
+    assert peak["coca_slack"] / peak["rope"] == pytest.approx(4, rel=1e-5)
+
+    # (c) the matched-stage snapshot: the weights at criterion + K, evaluated without scaling
+    stage = results["matched_stage"]
+    assert stage["extra_steps"] == K and stage["scaling"] == "none"
+    for v in VARIANTS:
+        vdir = seed_dir(out, v, 0)
+        assert results["training"][v][0]["criterion_step"] == 0
+        assert stage["per_variant"][v]["steps"] == [K] and stage["per_variant"][v]["seeds_reached"] == 1
+        assert json.loads((vdir / MATCHED / "state.json").read_text())["step"] == K
+        matched = json.loads((vdir / "matched_eval.json").read_text())
+        final = json.loads((vdir / "eval_none.json").read_text())
+        np.testing.assert_allclose(stage["per_variant"][v]["ppl_per_seed"], [matched["ppl"]], rtol=2e-5)
+        assert matched["segment_nll"] != final["segment_nll"]  # step K's weights, not the final ones
+        if v == "rope":  # the snapshot holds the weights of step K: train again and catch them there
+            caught = {}
+
+            def catch(model, caught=caught) -> dict:
+                caught[len(caught) * SMOKE.train.val_every] = {k: t.clone() for k, t in model.state_dict().items()}
+                return {"digit_nll": 1.0, "exact": 1.0}
+
+            assert K % SMOKE.train.val_every == 0
+            again = build_model(config, v, 0)
+            data = build_data(config, out / "cache")
+            train(again, data.training_sequences(0)[0], config.for_variant(v), tmp_path / "again" / CHECKPOINT,
+                  validate=catch, log=lambda s: None)
+            kept = load_file(str(vdir / MATCHED / "model.safetensors"))
+            assert kept and all(torch.equal(kept[k], caught[K][k]) for k in kept)
+            assert not all(torch.equal(kept[k], caught[SMOKE.train.steps][k]) for k in kept)
+
+    # (b) the weights gone, the evaluation files kept: no training, the same results
+    for v in VARIANTS:
+        for name in (CHECKPOINT, "criterion", MATCHED):
+            shutil.rmtree(seed_dir(out, v, 0) / name)
+    assert run_main(ablation_main, argv) == 0
+    second = capsys.readouterr().out
+    assert " loss " not in second and "training at" not in second and "evaluating" not in second
+    again = json.loads((out / "results.json").read_text())
+    for key in (*SCIENCE_KEYS, "matched_stage", "lr", "lr_reading"):
+        assert again[key] == results[key], key
+    assert again["training"] == results["training"]
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"complete": False, "finished": 7, "chosen": {v: None for v in VARIANTS}}, ["incomplete", "7 of 18"]),
+    ({"chosen": {"rope": 5e-4, "coca_slack": 1e-3}}, ["coca_strict"]),
+    ({"chosen": {**SWEEP_LRS, "rope": None}}, ["rope"]),
+])
+def test_lr_from_refuses_an_unusable_sweep_in_one_line(tmp_path, capsys, change, words):
+    argv = ["--preset", "smoke", "--out", str(tmp_path / "run"), "--lr-from"]
+    assert run_main(ablation_main, [*argv, str(_sweep_summary(tmp_path / "s.json", **change))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --lr-from") and len(err.splitlines()) == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_lr_from_refuses_a_file_that_is_not_a_sweep_summary(tmp_path, capsys):
+    other = tmp_path / "results.json"
+    other.write_text(json.dumps({"ppl": {}}))
+    for path, words in ((other, ["not a learning-rate sweep summary"]), (tmp_path / "none.json", ["no such file"])):
+        assert run_main(ablation_main, ["--preset", "smoke", "--out", str(tmp_path / "run"), "--lr-from", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --lr-from") and len(err.splitlines()) == 1 and all(w in err for w in words), err
+    sweep = _sweep_summary(tmp_path / "sweep.json")
+    assert run_main(ablation_main, ["--preset", "smoke", "--out", str(tmp_path / "run"), "--lr-from", str(sweep),
+                                    "--set", "train.lr=1e-3"]) == 2
+    assert "drop --set train.lr" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_run_with_other_learning_rates_is_refused(tmp_path):
+    from anomaly.ablation.run import check_config
+    from anomaly.errors import UserError
+
+    config = replace(SMOKE, train=replace(SMOKE.train, lr_by_variant=tuple(SWEEP_LRS.items())))
+    check_config(tmp_path, config)
+    check_config(tmp_path, config)  # the same config: accepted (exact round trip through config.json)
+    other = replace(SMOKE, train=replace(SMOKE.train, lr_by_variant=tuple({**SWEEP_LRS, "rope": 1e-3}.items())))
+    for changed in (other, SMOKE):
+        with pytest.raises(UserError, match="different configuration"):
+            check_config(tmp_path, changed)
+
+
+@pytest.mark.parametrize("text, ok", [
+    ("rope:5e-4,coca_slack:2e-3,coca_strict:1e-3", True), ("", True),
+    ("rope:5e-4,coca_slack:2e-3", False), ("rope:5e-4,coca_slack:2e-3,coca_strict:0", False),
+    ("rope:5e-4,coca_slack:nan,coca_strict:1e-3", False), ("rope:5e-4,rope:2e-3,coca_strict:1e-3", False),
+    ("rope:5e-4,alibi:2e-3,coca_strict:1e-3", False),
+])
+def test_lr_by_variant_is_range_checked(text, ok):
+    from anomaly.ablation.config import override, validate
+    from anomaly.errors import UserError
+
+    config = override(SMOKE, f"train.lr_by_variant={text}")
+    if ok:
+        assert validate(config) is config
+        assert [config.lr_of(v) for v in VARIANTS] == ([5e-4, 2e-3, 1e-3] if text else [SMOKE.train.lr] * 3)
+        assert config.for_variant("rope").train.lr == config.lr_of("rope")
+    else:
+        with pytest.raises(UserError, match="train.lr_by_variant=.*finite learning rate above 0"):
+            validate(config)

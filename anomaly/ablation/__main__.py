@@ -4,14 +4,18 @@ Trains ``rope``, ``coca_slack`` and ``coca_strict`` from scratch with identical 
 each of ``--seeds`` seeds, evaluates perplexity and passkey retrieval (length × depth) at
 1×–16× the training length with and without dynamic NTK, follows each model's retrieval
 head, probes the trained models' anomalous fractions, and writes ``DIR/results.json`` with
-95 % intervals. ``torchrun --nproc_per_node N -m anomaly.ablation …`` trains with DDP
+every reading per seed (its seed-level statistics: ``python -m anomaly.ablation.analysis``). ``torchrun --nproc_per_node N -m anomaly.ablation …`` trains with DDP
 (each process takes 1/N of every batch; rank 0 evaluates and writes).
 Re-running the same command resumes an interrupted or time-limited run; files in DIR
 that are not the run's own are left alone. The figures land in
 ``DIR/figures``; ``python -m anomaly.ablation.plots DIR/results.json --out figures``
 regenerates them from the results alone.
 
-Every setting (preset, ``--set``, ``--steps``, ``--seeds``) is checked, with the memory it
+``--lr-from FILE`` trains each variant at its own peak learning rate, the one the
+learning-rate sweep chose (``python -m anomaly.ablation.sweep --summarise --out FILE``);
+without it every variant trains at ``train.lr`` (the same-learning-rate-for-all reading).
+
+Every setting (preset, ``--set``, ``--steps``, ``--seeds``, ``--lr-from``) is checked, with the memory it
 would take, before anything is written into DIR, so a corrected rerun into the same DIR is
 never refused for a bad first try. One command at a time writes a DIR: a second one
 started on the same DIR while the first runs is refused (a lock file with the writer's
@@ -21,7 +25,10 @@ pid, taken over when that process is gone).
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -57,9 +64,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="change one setting of the preset, e.g. --set model.head_dim=64 (repeatable; "
                         "a run with changed settings is a diagnostic, not the preset)")
+    p.add_argument("--lr-from", type=Path, default=None, metavar="SWEEP_JSON",
+                   help="train each variant at the peak learning rate the sweep's summary chose for it "
+                        "(python -m anomaly.ablation.sweep --summarise --out SWEEP_JSON)")
     p.add_argument("--no-probe", action="store_true", help="skip the anomalous-fraction probe")
     p.add_argument("--no-figures", action="store_true", help="do not write DIR/figures at the end")
     return p.parse_args(argv)
+
+
+def lrs_from_sweep(path: Path) -> tuple[tuple[str, float], ...]:
+    """Each variant's chosen peak learning rate from a sweep summary (``chosen``), as
+    ``train.lr_by_variant``.
+
+    Raises:
+        UserError: the file is missing or not a sweep summary, the sweep is incomplete, or it
+            chose no learning rate for a variant.
+    """
+    try:
+        summary = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--lr-from {path}: no such file; write it with python -m anomaly.ablation.sweep "
+                        "--summarise --out FILE") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--lr-from {path}: cannot read it as JSON ({exc}); give the sweep's summary file") from None
+    if not isinstance(summary, dict) or not {"rule", "complete", "chosen"} <= set(summary) \
+            or not isinstance(summary["chosen"], dict):
+        raise UserError(f"--lr-from {path} is not a learning-rate sweep summary (python -m anomaly.ablation.sweep "
+                        "--summarise --out FILE writes one)")
+    if summary["complete"] is not True:
+        raise UserError(f"--lr-from {path}: the sweep is incomplete ({summary.get('finished', '?')} of "
+                        f"{summary.get('expected', '?')} models); finish it and run --summarise again")
+    chosen = summary["chosen"]
+    for v in VARIANTS:
+        lr = chosen.get(v)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise UserError(f"--lr-from {path}: the sweep chose no usable learning rate for {v} ({lr!r}); "
+                            "a sweep of every variant is needed")
+    return tuple((v, float(chosen[v])) for v in VARIANTS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,6 +124,11 @@ def _main(argv: Sequence[str] | None) -> int:
         config = config.with_steps(args.steps)
     for assignment in args.set:
         config = override(config, assignment)
+    if args.lr_from is not None:
+        if any(a.partition("=")[0].strip() in ("train.lr", "train.lr_by_variant") for a in args.set):
+            raise UserError("--lr-from sets each variant's learning rate; drop --set train.lr… (the same "
+                            "learning rate for all is a run without --lr-from)")
+        config = replace(config, train=replace(config.train, lr_by_variant=lrs_from_sweep(args.lr_from)))
     if args.seeds is not None:
         if not 1 <= args.seeds <= MAX_SEEDS:
             raise UserError(f"--seeds must be between 1 and {MAX_SEEDS}, got {args.seeds}")

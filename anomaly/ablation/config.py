@@ -1,9 +1,10 @@
-"""Presets of the slack-versus-strict ablation: ``smoke``, ``cpu`` and ``gpu``.
+"""Presets of the slack-versus-strict ablation: ``smoke``, ``cpu``, ``cpu-seeds`` and ``gpu``.
 
 One :class:`AblationConfig` fixes everything a run depends on (model shape, data, training,
 evaluation, seeds). All three variants (``rope``, ``coca_slack``, ``coca_strict``) are
 trained with the same config, once per seed: for one seed every variant starts from the same
 initial weights and sees the same batches in the same order for the same number of steps.
+Only the peak learning rate may differ between variants (``train.lr_by_variant``).
 The config is written into ``results.json`` and into the output directory, and a resumed
 run refuses to continue under a different one.
 """
@@ -72,7 +73,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation; identical for every variant."""
+    """Optimisation; identical for every variant, except the peak learning rate where
+    ``lr_by_variant`` gives each variant its own."""
 
     steps: int
     """Optimiser steps."""
@@ -102,6 +104,14 @@ class TrainConfig:
     """Exact-match rate on the validation prompts at which a model counts as retrieving.
     The weights at the first validation that reaches it are kept (``criterion/``) and
     evaluated as the "to criterion" reading; training itself always runs ``steps``."""
+    lr_by_variant: tuple[tuple[str, float], ...] = ()
+    """Each variant's own peak learning rate, ``((variant, lr), …)`` naming every variant
+    once (``--lr-from`` reads them from the learning-rate sweep's summary); empty: ``lr``
+    for every variant (the same-learning-rate-for-all reading)."""
+    matched_steps: int | None = None
+    """The matched-stage reading: the weights ``matched_steps`` steps after the criterion
+    step are kept (``matched/``) and evaluated without scaling, when that step lies within
+    ``steps``; ``None``: no such snapshot (docs/ablation.md, "The analysis run")."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +194,19 @@ class AblationConfig:
         """The same config trained from seeds ``0 … n−1``."""
         return replace(self, seeds=tuple(range(n)))
 
+    def lr_of(self, variant: str) -> float:
+        """The peak learning rate ``variant`` trains with: its ``lr_by_variant`` entry, or
+        ``train.lr`` when there is none."""
+        return dict(self.train.lr_by_variant).get(variant, self.train.lr)
+
+    def for_variant(self, variant: str) -> "AblationConfig":
+        """The config ``variant`` is trained with: ``train.lr`` set to :meth:`lr_of` and no
+        ``lr_by_variant`` (what :func:`~anomaly.ablation.train.train` reads); ``self`` when
+        there is no per-variant learning rate."""
+        if not self.train.lr_by_variant:
+            return self
+        return replace(self, train=replace(self.train, lr=self.lr_of(variant), lr_by_variant=()))
+
 
 PRESETS: dict[str, AblationConfig] = {
     # A plumbing check of every step (two seeds, intervals, criterion, retrieval head,
@@ -211,6 +234,23 @@ PRESETS: dict[str, AblationConfig] = {
                           log_every=20, checkpoint_every=250, val_every=100),
         eval=EvalConfig(ppl_segments=16, passkey_samples=40, batch_tokens=8192),
         seeds=(0, 1, 2),
+        cpu_threads=1,
+    ),
+    # The pre-registered 10-seed analysis run (docs/ablation.md, "The analysis run"): the cpu
+    # preset's model, data and training (the learning-rate sweep tuned them; --lr-from gives
+    # each variant its chosen lr), seeds 0-9, the matched-stage snapshot 500 steps after the
+    # criterion, and the evaluation trimmed to what a per-seed value needs: 1x-8x (no 16x),
+    # 20 prompts x 5 depths per length (a per-seed share's SE <= 0.05), 2 retrieval prompts.
+    "cpu-seeds": AblationConfig(
+        preset="cpu-seeds",
+        model=ModelConfig(hidden_size=128, num_layers=2, num_heads=4, head_dim=32,
+                          intermediate_size=384, vocab_size=4096),
+        data=DataConfig(train_length=128, passkey_share=0.5),
+        train=TrainConfig(steps=3000, batch_size=16, lr=1e-3, warmup_steps=100,
+                          log_every=20, checkpoint_every=250, val_every=100, matched_steps=500),
+        eval=EvalConfig(length_multipliers=(1, 2, 4, 8), ppl_segments=16, passkey_samples=20,
+                        batch_tokens=8192, retrieval_samples=2),
+        seeds=tuple(range(10)),
         cpu_threads=1,
     ),
     # Sized (by estimate, not yet measured) so that 3 variants × 3 seeds train and evaluate
@@ -255,8 +295,11 @@ def override(config: AblationConfig, assignment: str) -> AblationConfig:
                                     for f in getattr(config, sec).__dataclass_fields__))
     current = getattr(holder, name)
     try:
-        if isinstance(current, tuple):
-            value: Any = tuple(type(current[0])(v) for v in text.split(","))
+        if key.strip() == "train.lr_by_variant":  # rope:5e-4,coca_slack:1e-3,coca_strict:2e-3
+            value: Any = tuple((v.strip(), float(lr)) for v, lr in (pair.split(":") for pair in text.split(","))) \
+                if text.strip() else ()
+        elif isinstance(current, tuple):
+            value = tuple(type(current[0])(v) for v in text.split(","))
         elif current is None or isinstance(current, bool):
             value = None if text.lower() == "none" else int(text)
         else:
@@ -274,11 +317,13 @@ def config_from_dict(d: dict[str, Any]) -> AblationConfig:
     ev["length_multipliers"] = tuple(ev["length_multipliers"])
     ev["scalings"] = tuple(ev["scalings"])
     ev["depths"] = tuple(ev["depths"])
+    tr = dict(d["train"])
+    tr["lr_by_variant"] = tuple((v, lr) for v, lr in tr.get("lr_by_variant", ()))
     return AblationConfig(
         preset=d["preset"],
         model=ModelConfig(**d["model"]),
         data=DataConfig(**d["data"]),
-        train=TrainConfig(**d["train"]),
+        train=TrainConfig(**tr),
         eval=EvalConfig(**ev),
         seeds=tuple(d["seeds"]),
         data_seed=d["data_seed"],
@@ -321,6 +366,10 @@ _FIELD_CHECKS: dict[str, _Check] = {
     "train.min_lr_ratio": _SHARE, "train.weight_decay": _NONNEG, "train.grad_clip": _POS,
     "train.log_every": _INT1, "train.checkpoint_every": _INT1, "train.val_every": _INT1,
     "train.val_prompts": _INT1, "train.criterion": _SHARE,
+    "train.lr_by_variant": (lambda v: v == () or (sorted(name for name, _ in v) == sorted(VARIANTS)
+                                                  and all(_is_num(lr) and lr > 0 for _, lr in v)),
+                            f"must be empty or give each of {', '.join(VARIANTS)} once a finite learning rate above 0"),
+    "train.matched_steps": (lambda v: v is None or (_is_int(v) and v >= 0), "must be None or a whole number of at least 0"),
     "eval.length_multipliers": (lambda v: len(v) > 0 and all(_is_int(x) and x >= 1 for x in v),
                                 "must be one or more whole numbers of at least 1"),
     "eval.scalings": (lambda v: "none" in v and set(v) <= set(SCALINGS) and len(set(v)) == len(v),
@@ -390,7 +439,7 @@ def validate(config: AblationConfig) -> AblationConfig:
 
 def _show(value: Any) -> str:
     if isinstance(value, tuple):
-        return ",".join(map(str, value))
+        return ",".join(":".join(map(str, x)) if isinstance(x, tuple) else str(x) for x in value)
     return str(value)
 
 

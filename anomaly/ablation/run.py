@@ -7,16 +7,23 @@ Everything lands under the output directory and every step is resumable::
     DIR/cache/tokens.safetensors             tokenised documents (SmolLM2 ids)
     DIR/<variant>/seed<s>/checkpoint/        model.safetensors, optimizer.safetensors, state.json
     DIR/<variant>/seed<s>/criterion/         weights when validation first reached the criterion
+    DIR/<variant>/seed<s>/matched/           weights train.matched_steps steps later (when set)
+    DIR/<variant>/seed<s>/training.json      the finished training's record (TrainState)
     DIR/<variant>/seed<s>/eval_<scaling>.json       the final model (equal budget)
     DIR/<variant>/seed<s>/criterion_eval.json       the criterion model, no scaling
+    DIR/<variant>/seed<s>/matched_eval.json         the matched-stage model, no scaling
     DIR/<variant>/seed<s>/retrieval.json     the retrieval head's attention
     DIR/<variant>/seed<s>/geometry.json      anomalous fractions of the trained model
     DIR/results.json                         written atomically once everything is done
     DIR/figures/ablation_*                   its figures (anomaly.ablation.plots), written last
 
 A step whose output exists is skipped, so a run stopped by ``deadline`` (``--max-minutes``)
-or killed continues where it stopped when the same command is run again. Under
-``torchrun`` every rank trains; rank 0 alone evaluates and writes.
+or killed continues where it stopped when the same command is run again. A model whose
+``training.json`` and evaluation files all exist is done: it needs neither its checkpoint
+nor training, so a run resumes from its (committed) JSON files alone once the weights are
+gone. In one process each model is evaluated as soon as it is trained, so its files exist
+as each model finishes. Under ``torchrun`` every rank trains every model first; rank 0
+alone then evaluates and writes.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from anomaly.ablation.geometry import anomalous_fractions, coefficient_sparsity,
 from anomaly.ablation.retrieval import retrieval_attention
 from anomaly.ablation.seed_stats import ppl_of
 from anomaly.ablation.train import (
-    CHECKPOINT, CRITERION, TrainState, build_model, load_checkpoint, seed_dir, train,
+    CHECKPOINT, CRITERION, MATCHED, TrainState, build_model, load_checkpoint, matched_step, seed_dir, train,
 )
 from anomaly.errors import UserError
 from anomaly.io import Provenance, write_json
@@ -66,6 +73,35 @@ def check_config(out: Path, config: AblationConfig) -> None:
 
 def _load_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
+
+
+TRAINING = "training.json"
+"""A model's finished training record (its :class:`TrainState`) beside its evaluation files."""
+
+
+def outputs(config: AblationConfig, state: TrainState, probe: bool) -> list[str]:
+    """File names (in the model's folder) of every evaluation of a model trained to
+    ``state``: one per scaling, the retrieval head, the probe, and the criterion and
+    matched-stage models where they are not the final one."""
+    names = [f"eval_{s}.json" for s in config.eval.scalings] + ["retrieval.json"] + (["geometry.json"] if probe else [])
+    if state.criterion_step is not None and state.criterion_step != state.step:
+        names.append("criterion_eval.json")
+    matched = matched_step(config, state.criterion_step)
+    if matched is not None and matched != state.step:
+        names.append("matched_eval.json")
+    return names
+
+
+def finished_state(config: AblationConfig, vdir: Path, probe: bool) -> TrainState | None:
+    """The training record of a model that is done — trained to the cap and every evaluation
+    file written — else ``None``. A done model needs no checkpoint: its files are the result."""
+    record = _load_json(vdir / TRAINING)
+    if record is None:
+        return None
+    state = TrainState(**record)
+    if state.step < config.train.steps or not all((vdir / name).exists() for name in outputs(config, state, probe)):
+        return None
+    return state
 
 
 def run(
@@ -118,32 +154,48 @@ def run(
         return {"digit_nll": float(digit_nll.mean()), "exact": float(exact.mean())}
 
     states: dict[str, list[TrainState]] = {v: [] for v in variants}
+    per_variant: dict[str, list[dict]] = {v: [] for v in variants}
+    # Under DDP every rank must take part in every training: rank 0 evaluates after all of them.
+    evaluate_now = not world.distributed
     for seed in config.seeds:
-        batches, _ = data.training_sequences(seed)
+        batches = None
         for variant in variants:
             vdir = seed_dir(out, variant, seed)
-            model = build_model(config, variant, seed).to(dev)
             tag = f"[{variant} seed {seed}]"
-            log(f"{tag} training")
-            state = train(model, batches, config, vdir / CHECKPOINT, validate=validate, world=world,
-                          deadline=deadline, log=lambda s, tag=tag: log(f"{tag} {s}"))
-            if state.step < config.train.steps:
-                log(f"{tag} stopped at step {state.step}/{config.train.steps} (time limit); "
-                    "run the same command again to resume")
-                leave(world)
-                return None
+            state = finished_state(config, vdir, probe) if evaluate_now else None
+            if state is None:
+                if batches is None:
+                    batches, _ = data.training_sequences(seed)
+                model = build_model(config, variant, seed).to(dev)
+                log(f"{tag} training at peak lr {config.lr_of(variant):g}")
+                state = train(model, batches, config.for_variant(variant), vdir / CHECKPOINT, validate=validate,
+                              world=world, deadline=deadline, log=lambda s, tag=tag: log(f"{tag} {s}"))
+                if state.step < config.train.steps:
+                    log(f"{tag} stopped at step {state.step}/{config.train.steps} (time limit); "
+                        "run the same command again to resume")
+                    leave(world)
+                    return None
+                if world.main:
+                    write_json(vdir / TRAINING, state.__dict__, digits=None)  # read back exactly on resume
             states[variant].append(state)
+            if evaluate_now:
+                result = evaluate_model(config, data, vdir, variant, seed, dev, deadline, probe, log, state)
+                if result is None:
+                    return None
+                per_variant[variant].append(result)
     leave(world)
     if not world.main:
         return None
 
-    per_variant: dict[str, list[dict]] = {v: [] for v in variants}
-    for seed in config.seeds:
-        for variant in variants:
-            result = evaluate_model(config, data, seed_dir(out, variant, seed), variant, seed, dev, deadline, probe, log)
-            if result is None:
-                return None
-            per_variant[variant].append(result)
+    if not evaluate_now:
+        for seed in config.seeds:
+            for variant in variants:
+                state = states[variant][config.seeds.index(seed)]
+                result = evaluate_model(config, data, seed_dir(out, variant, seed), variant, seed, dev, deadline,
+                                        probe, log, state)
+                if result is None:
+                    return None
+                per_variant[variant].append(result)
     results = assemble(config, data, per_variant, states, dev, time.perf_counter() - started)
     write_json(out / "results.json", results)
     log(f"wrote {out / 'results.json'}")
@@ -183,29 +235,40 @@ def evaluate_model(
     deadline: float | None,
     probe: bool,
     log: Callable[[str], None],
+    state: TrainState,
 ) -> dict | None:
-    """Evaluate, trace the retrieval head of, and probe one trained model (each step
-    skipped when already done)."""
+    """Evaluate, trace the retrieval head of, and probe one model trained to ``state`` (each
+    step skipped when already done; a model's weights are loaded only for a step to do)."""
     tag = f"[{variant} seed {seed}]"
     say = lambda s: log(f"{tag} {s}")  # noqa: E731
-    model = build_model(config, variant, seed).to(device)
-    state = load_checkpoint(vdir / CHECKPOINT, model)  # the final weights
-    model.eval()
+    loaded: dict[str, torch.nn.Module] = {}
+
+    def weights(name: str) -> torch.nn.Module:
+        """The model with the weights of ``vdir / name`` (loaded once, on first use)."""
+        if name not in loaded:
+            if not (vdir / name / "model.safetensors").exists():
+                raise UserError(f"{vdir / name} is missing, and {vdir} still needs it for an evaluation; "
+                                f"delete {vdir} to train this model again")
+            model = build_model(config, variant, seed).to(device)
+            load_checkpoint(vdir / name, model)
+            loaded[name] = model.eval()
+        return loaded[name]
 
     evals: dict[str, dict] = {}
     for scaling in config.eval.scalings:
         def compute(scaling=scaling) -> dict:
             say(f"evaluating, scaling {scaling}")
-            return asdict(evaluate_scaling(model, config, scaling, data.held_out, data.passkey, log=say))
+            return asdict(evaluate_scaling(weights(CHECKPOINT), config, scaling, data.held_out, data.passkey, log=say))
         evals[scaling] = _step(vdir / f"eval_{scaling}.json", deadline, say, f"evaluating {scaling}", compute)
         if evals[scaling] is None:
             return None
 
-    def reset() -> None:
-        set_scaling(model, config, "none")
+    def trace() -> dict:
+        model = weights(CHECKPOINT)
+        return retrieval_attention(model, config, data.passkey, config.eval.retrieval_samples,
+                                   lambda: set_scaling(model, config, "none"))
 
-    retrieval = _step(vdir / "retrieval.json", deadline, say, "the retrieval head",
-                      lambda: retrieval_attention(model, config, data.passkey, config.eval.retrieval_samples, reset))
+    retrieval = _step(vdir / "retrieval.json", deadline, say, "the retrieval head", trace)
     if retrieval is None:
         return None
     say(f"retrieval head L{retrieval['head'][0]}H{retrieval['head'][1]}: attention on the matching digit "
@@ -214,6 +277,7 @@ def evaluate_model(
     geometry = None
     if probe:
         def measure() -> dict:
+            model = weights(CHECKPOINT)
             tokens = config.eval.probe_tokens or config.data.train_length
             name = sorted(data.held_out)[0]
             ids = data.held_out[name][:tokens][None].to(device)  # [1, tokens]
@@ -230,22 +294,27 @@ def evaluate_model(
         if geometry is None:
             return None
 
-    # The "to criterion" reading: the weights when validation first reached the criterion.
-    criterion = None
-    if state.criterion_step is not None:
-        if state.criterion_step == state.step:
-            criterion = evals["none"]
-        else:
-            load_checkpoint(vdir / CRITERION, model)
-            model.eval()
-            def compute_criterion() -> dict:
-                say(f"evaluating the criterion model (step {state.criterion_step}), no scaling")
-                return asdict(evaluate_scaling(model, config, "none", data.held_out, data.passkey, log=say))
-            criterion = _step(vdir / "criterion_eval.json", deadline, say, "evaluating the criterion model",
-                              compute_criterion)
-            if criterion is None:
-                return None
-    return {"state": state, "eval": evals, "geometry": geometry, "retrieval": retrieval, "criterion": criterion}
+    def snapshot(step: int | None, folder: str, file: str, what: str) -> dict | None | bool:
+        """The no-scaling evaluation of the weights kept at ``step`` (the final model's when
+        that is the last step); ``None`` when there are none, ``False`` on the deadline."""
+        if step is None:
+            return None
+        if step == state.step:
+            return evals["none"]
+        def compute() -> dict:
+            say(f"evaluating the {what} model (step {step}), no scaling")
+            return asdict(evaluate_scaling(weights(folder), config, "none", data.held_out, data.passkey, log=say))
+        done = _step(vdir / file, deadline, say, f"evaluating the {what} model", compute)
+        return False if done is None else done
+
+    # The "to criterion" reading: the weights when validation first reached the criterion;
+    # the matched-stage reading: train.matched_steps steps later.
+    criterion = snapshot(state.criterion_step, CRITERION, "criterion_eval.json", "criterion")
+    matched = snapshot(matched_step(config, state.criterion_step), MATCHED, "matched_eval.json", "matched-stage")
+    if criterion is False or matched is False:
+        return None
+    return {"state": state, "eval": evals, "geometry": geometry, "retrieval": retrieval, "criterion": criterion,
+            "matched": matched}
 
 
 def _pooled(per_seed: list[dict], key: str) -> np.ndarray:
@@ -293,12 +362,19 @@ def assemble(config: AblationConfig, data: AblationData, per_variant: dict[str, 
             for key, value in _summaries([r["eval"][s] for r in runs]).items():
                 tables.setdefault(key, {}).setdefault(v, {})[s] = value
     criterion: dict[str, dict] = {}
+    matched: dict[str, dict] = {}
     for v, runs in per_variant.items():
         reached = [r["criterion"] for r in runs if r["criterion"] is not None]
         criterion[v] = {
             "steps": [r["state"].criterion_step for r in runs],
             "seeds_reached": sum(r["criterion"] is not None for r in runs),
             **({k: val for k, val in _summaries(reached).items()} if reached else {}),
+        }
+        at_stage = [r["matched"] for r in runs if r["matched"] is not None]
+        matched[v] = {
+            "steps": [matched_step(config, r["state"].criterion_step) for r in runs],
+            "seeds_reached": len(at_stage),
+            **(_summaries(at_stage) if at_stage else {}),
         }
     return {
         "train_length": config.data.train_length,
@@ -313,11 +389,18 @@ def assemble(config: AblationConfig, data: AblationData, per_variant: dict[str, 
         "ppl_scored_tokens": config.eval.ppl_segments * (config.stride - 1) * len(config.seeds),
         "stride": config.stride,
         "criterion": {"threshold": config.train.criterion, "scaling": "none", "per_variant": criterion},
+        **({"matched_stage": {"extra_steps": config.train.matched_steps, "threshold": config.train.criterion,
+                              "scaling": "none", "per_variant": matched}}
+           if config.train.matched_steps is not None else {}),
+        "lr": {v: config.lr_of(v) for v in per_variant},
+        "lr_reading": ("per variant (train.lr_by_variant, chosen by the learning-rate sweep)" if config.train.lr_by_variant
+                       else "the same peak learning rate for every variant (train.lr)"),
         "retrieval": {v: [r["retrieval"] for r in runs] for v, runs in per_variant.items()},
         "anomalous_fraction": {v: [r["geometry"] for r in runs] for v, runs in per_variant.items()
                                if all(r["geometry"] is not None for r in runs)},
         "training": {
             v: [{"curve": st.curve, "val": st.val, "criterion_step": st.criterion_step, "steps": st.step,
+                 "lr": config.lr_of(v), "matched_step": matched_step(config, st.criterion_step),
                  "final_loss": st.curve["loss"][-1] if st.curve["loss"] else None,
                  "tokens_per_s": st.tokens_per_s, "train_seconds": st.train_seconds} for st in sts]
             for v, sts in states.items()

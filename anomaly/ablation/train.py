@@ -194,6 +194,20 @@ Validate = Callable[[torch.nn.Module], dict]
 CRITERION = "criterion"
 """Name of the directory, beside a variant's checkpoint, of the weights at the criterion."""
 
+MATCHED = "matched"
+"""Name of the directory, beside a variant's checkpoint, of the weights ``train.matched_steps``
+steps after the criterion (the matched-stage reading)."""
+
+
+def matched_step(config: AblationConfig, criterion_step: int | None) -> int | None:
+    """The step of the matched-stage snapshot: ``criterion_step + train.matched_steps``;
+    ``None`` when the config takes none, the criterion was not reached, or that step lies
+    beyond the training cap (the model does not reach the stage)."""
+    k = config.train.matched_steps
+    if k is None or criterion_step is None or criterion_step + k > config.train.steps:
+        return None
+    return criterion_step + k
+
 
 def train(
     model: torch.nn.Module,
@@ -210,7 +224,8 @@ def train(
 
     Every ``val_every`` steps ``validate`` scores the model (rank 0 only); the first time the
     exact-match rate reaches ``criterion`` the weights are also written to
-    ``checkpoint.parent / "criterion"``. Stops early, after writing a checkpoint, once
+    ``checkpoint.parent / "criterion"``, and ``train.matched_steps`` steps later (when set)
+    to ``checkpoint.parent / "matched"``. Stops early, after writing a checkpoint, once
     ``time.monotonic()`` passes ``deadline``; calling again with the same arguments
     continues from there. Under ``torchrun`` every rank calls this with the same arguments
     and trains on its :meth:`World.shard` of each batch. Returns the progress
@@ -239,8 +254,13 @@ def train(
             state.criterion_step = state.step
             save_checkpoint(checkpoint.parent / CRITERION, model, None, state)
 
+    def matched() -> None:
+        if world.main and state.criterion_step is not None and matched_step(config, state.criterion_step) == state.step:
+            save_checkpoint(checkpoint.parent / MATCHED, model, None, state)
+
     if state.step == 0:
         validation()
+        matched()
     model.train()
     window = state.window
     session_step = 0
@@ -276,6 +296,7 @@ def train(
             window.clear()
         if state.step % t.val_every == 0 or state.step == t.steps:
             validation()
+        matched()  # before this step's checkpoint: a resume never skips past it
         out_of_time = world.any(deadline is not None and time.monotonic() > deadline, device)
         if world.main and (state.step % t.checkpoint_every == 0 or state.step == t.steps or out_of_time):
             save_checkpoint(checkpoint, model, opt, state)
