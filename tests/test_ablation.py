@@ -706,3 +706,22 @@ def test_lr_by_variant_is_range_checked(text, ok):
     else:
         with pytest.raises(UserError, match="train.lr_by_variant=.*finite learning rate above 0"):
             validate(config)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}"),  # a header cut short
+    ("state.json", b"{\"step\": 3"),  # JSON cut short
+])
+def test_a_damaged_checkpoint_is_one_line_not_a_traceback(tmp_path, name, content):
+    """Resuming from a checkpoint whose file is damaged names the file and says what to do."""
+    from anomaly.ablation.config import get_preset
+    from anomaly.ablation.train import TrainState, build_model, load_checkpoint, save_checkpoint
+    from anomaly.errors import UserError
+
+    config = get_preset("smoke")
+    ckpt = tmp_path / "checkpoint"
+    save_checkpoint(ckpt, build_model(config, "rope", 0), None, TrainState())
+    load_checkpoint(ckpt, build_model(config, "rope", 0))  # intact: loads
+    (ckpt / name).write_bytes(content)
+    with pytest.raises(UserError, match=f"cannot read .*{name}.*move the folder .*checkpoint away"):
+        load_checkpoint(ckpt, build_model(config, "rope", 0))

@@ -177,15 +177,35 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
 def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None = None) -> TrainState:
     """Load weights (and optimiser moments when ``opt`` is given) from ``path``."""
     device = next(model.parameters()).device
-    weights = load_file(str(path / "model.safetensors"), device=str(device))
+    weights = _read_tensors(path / "model.safetensors", device)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise UserError(f"checkpoint {path} does not fit the model (missing {missing}, unexpected {unexpected}); "
                         "use a fresh --out directory")
     model.tie_weights()
     if opt is not None and (path / "optimizer.safetensors").exists():
-        _load_optimizer(opt, load_file(str(path / "optimizer.safetensors"), device=str(device)))
-    return TrainState(**json.loads((path / "state.json").read_text()))
+        _load_optimizer(opt, _read_tensors(path / "optimizer.safetensors", device))
+    try:
+        return TrainState(**json.loads((path / "state.json").read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise _unreadable(path / "state.json", exc) from None
+
+
+def _read_tensors(file: Path, device: torch.device) -> dict[str, Tensor]:
+    try:
+        return load_file(str(file), device=str(device))
+    except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
+        if isinstance(exc, (KeyboardInterrupt, MemoryError)):
+            raise
+        raise _unreadable(file, exc) from None
+
+
+def _unreadable(file: Path, exc: BaseException) -> UserError:
+    # Checkpoints are swapped in whole (io.atomic_dir), so this is a damaged disk or a hand
+    # edit, not an interrupted run; retraining that model from the start is always safe.
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UserError(f"cannot read {file} ({reason}); move the folder {file.parent} away and run the "
+                     "same command again to train that model from the start")
 
 
 Validate = Callable[[torch.nn.Module], dict]
