@@ -519,6 +519,42 @@ def test_deadline_stop_resumes_to_the_same_final_weights(smoke_run, tmp_path):
     assert geometry(resumed) == geometry(ref)
 
 
+
+def test_a_model_held_by_another_process_is_left_to_it_and_the_run_completes_after(smoke_run, tmp_path):
+    """--shared: a model whose lock a running process holds is skipped, the rest are done, no
+    results.json is written; once the holder is gone the same run finishes with the very
+    results of a run that never shared."""
+    import subprocess
+    import sys
+
+    from anomaly.ablation.lock import LockOwner, _start_time
+    from anomaly.ablation.run import MODEL_LOCK, TRAINING
+
+    config = replace(SMOKE.with_steps(5).with_seeds(2),
+                     eval=replace(SMOKE.eval, length_multipliers=(1, 2), scalings=("none",)))
+    kw = dict(variants=["rope"], device="cpu", figures=False, log=lambda s: None)
+    ref = run(config, _fresh_dir(tmp_path, "alone", smoke_run), **kw)
+    assert ref is not None
+
+    shared = _fresh_dir(tmp_path, "shared", smoke_run)
+    lock = seed_dir(shared, "rope", 0) / MODEL_LOCK
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock.write_text(LockOwner(holder.pid, _start_time(holder.pid)).text())
+        assert run(config, shared, **kw) is None
+        assert not (seed_dir(shared, "rope", 0) / TRAINING).exists()  # left to its holder
+        assert (seed_dir(shared, "rope", 1) / TRAINING).exists()  # the next model was done meanwhile
+        assert not (shared / "results.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    resumed = run(config, shared, **kw)  # the holder died: its stale lock is taken over
+    assert resumed is not None and not lock.exists()
+    for key in (*MEANS, *PER_SEED, "passkey_grid", "retrieval"):
+        assert resumed[key] == ref[key], key
+
+
 def _initial_logit_spread(config, variant: str) -> float:
     """Standard deviation of layer 0's initial attention logits on unit-RMS random inputs."""
     from anomaly.coca.attention import coca_qk

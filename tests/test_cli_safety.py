@@ -870,6 +870,28 @@ def test_a_run_folder_being_written_by_a_live_process_is_refused(tmp_path, monke
         holder.wait()
 
 
+
+def test_shared_runs_take_no_run_lock_but_refuse_a_plain_writer(tmp_path, monkeypatch, capsys):
+    ablation_main = _stub_run(monkeypatch, seen := [])
+    out = tmp_path / "run"
+    out.mkdir()
+    monkeypatch.setattr(ablation_main, "run", lambda config, out, **kw: seen.append(out) or {})
+    assert CLIS["ablation"](["--preset", "smoke", "--shared", "--out", str(out)]) == 0
+    assert seen == [out] and not (out / ablation_main.LOCK).exists()  # models are locked one by one
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        from anomaly.ablation.lock import LockOwner, _start_time
+
+        (out / ablation_main.LOCK).write_text(LockOwner(holder.pid, _start_time(holder.pid)).text())
+        rc = CLIS["ablation"](["--preset", "smoke", "--shared", "--out", str(out)])
+        assert_refused(rc, capsys.readouterr().err,
+                       [f"--out {out} is being written by process {holder.pid} without --shared"])
+        assert seen == [out]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_stale_lock_is_taken_over_and_released(tmp_path, monkeypatch):
     ablation_main = _stub_run(monkeypatch, seen := [])
     out = tmp_path / "run"

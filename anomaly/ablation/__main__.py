@@ -19,7 +19,9 @@ Every setting (preset, ``--set``, ``--steps``, ``--seeds``, ``--lr-from``) is ch
 would take, before anything is written into DIR, so a corrected rerun into the same DIR is
 never refused for a bad first try. One command at a time writes a DIR: a second one
 started on the same DIR while the first runs is refused (a lock file with the writer's
-pid, taken over when that process is gone).
+pid, taken over when that process is gone) — unless every command is given ``--shared``:
+then each process takes one model at a time (a lock per model), so N processes on N cores
+work through one run together, and the last to finish writes the results.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Sequence
 
 from anomaly.ablation.config import PRESETS, VARIANTS, get_preset, memory_bytes, override, validate
 from anomaly.ablation.distributed import refuse_under_torchrun, under_torchrun, world_from_env
-from anomaly.ablation.lock import lock_owner, locked
+from anomaly.ablation.lock import LockOwner, is_running, lock_owner, locked
 from anomaly.ablation.run import run
 from anomaly.cli import ArgumentParser, UserError, check_memory, finite_float, run_main
 from anomaly.models import resolve_device
@@ -67,6 +69,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lr-from", type=Path, default=None, metavar="SWEEP_JSON",
                    help="train each variant at the peak learning rate the sweep's summary chose for it "
                         "(python -m anomaly.ablation.sweep --summarise --out SWEEP_JSON)")
+    p.add_argument("--shared", action="store_true",
+                   help="share DIR with other processes started with --shared (one model at a time each; "
+                        "start one per free core)")
     p.add_argument("--no-probe", action="store_true", help="skip the anomalous-fraction probe")
     p.add_argument("--no-figures", action="store_true", help="do not write DIR/figures at the end")
     return p.parse_args(argv)
@@ -154,11 +159,21 @@ def _main(argv: Sequence[str] | None) -> int:
     names = ["config.json", "cache", "results.json", "figures", *args.variants]
     target = claim(args.out, OWNER, names)
     lock = args.out / LOCK
+    owner = lock_owner(lock)
+    if args.shared:
+        if world.distributed:
+            raise UserError("--shared is for single processes; under torchrun the ranks already share one run")
+        if owner is not None and owner.pid != 0 and is_running(owner) and owner != LockOwner.me():
+            raise UserError(f"--out {args.out} is being written by process {owner.pid} without --shared; wait for "
+                            "it to finish, or restart every process with --shared")
+        target.adopt()
+        return _run(args, config, device, world)
     with locked(lock) as mine:
         if not mine:
             owner = lock_owner(lock)
             raise UserError(f"--out {args.out} is being written by process {owner.pid if owner else '?'} "
-                            "(another python -m anomaly.ablation); wait for it to finish, or choose another --out")
+                            "(another python -m anomaly.ablation); wait for it to finish, run every process "
+                            "with --shared, or choose another --out")
         target.adopt()
         return _run(args, config, device, world)
 

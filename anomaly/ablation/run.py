@@ -24,10 +24,16 @@ nor training, so a run resumes from its (committed) JSON files alone once the we
 gone. In one process each model is evaluated as soon as it is trained, so its files exist
 as each model finishes. Under ``torchrun`` every rank trains every model first; rank 0
 alone then evaluates and writes.
+
+Several single processes may share one run (``--shared``): each model is trained and evaluated
+under a lock file in its folder (:mod:`anomaly.ablation.lock`), a process leaves a model that
+another running process holds, and the last process to finish writes ``results.json``. A model
+whose process was killed is taken over (from its checkpoint) by the next process to reach it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
@@ -41,6 +47,7 @@ import torch
 from anomaly.ablation.config import VARIANTS, AblationConfig, config_from_dict
 from anomaly.ablation.data import AblationData, build_data
 from anomaly.ablation.distributed import World, join, leave
+from anomaly.ablation.lock import lock_owner, locked
 from anomaly.ablation.evaluate import evaluate_scaling, passkey_scores, set_scaling, validation_prompts
 from anomaly.ablation.geometry import anomalous_fractions, coefficient_sparsity, slack_spread
 from anomaly.ablation.retrieval import retrieval_attention
@@ -123,16 +130,17 @@ def run(
 
     Returns:
         The results dict (also written to ``out/results.json``), or ``None`` when
-        ``deadline`` (a ``time.monotonic()`` value) stopped it first, and on ranks other
-        than 0.
+        ``deadline`` (a ``time.monotonic()`` value) stopped it first, when models held by
+        other processes sharing the run are unfinished, and on ranks other than 0.
     """
     started = time.perf_counter()
     dev = join(world, resolve_device(device), config.train.batch_size)  # before anything is written
     if dev.type == "cpu" and config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
+    figures_out = None
     if world.main:
         if figures:  # checked now, not after hours of training
-            from anomaly.ablation.plots import claim_figures, save_all
+            from anomaly.ablation.plots import claim_figures
 
             figures_out = claim_figures(out / "figures")
         out.mkdir(parents=True, exist_ok=True)
@@ -155,39 +163,22 @@ def run(
 
     states: dict[str, list[TrainState]] = {v: [] for v in variants}
     per_variant: dict[str, list[dict]] = {v: [] for v in variants}
-    # Under DDP every rank must take part in every training: rank 0 evaluates after all of them.
-    evaluate_now = not world.distributed
-    for seed in config.seeds:
-        batches = None
-        for variant in variants:
-            vdir = seed_dir(out, variant, seed)
-            tag = f"[{variant} seed {seed}]"
-            state = finished_state(config, vdir, probe) if evaluate_now else None
-            if state is None:
+    if world.distributed:
+        # Under DDP every rank must take part in every training: rank 0 evaluates after all of them.
+        for seed in config.seeds:
+            batches = None
+            for variant in variants:
+                vdir = seed_dir(out, variant, seed)
                 if batches is None:
                     batches, _ = data.training_sequences(seed)
-                model = build_model(config, variant, seed).to(dev)
-                log(f"{tag} training at peak lr {config.lr_of(variant):g}")
-                state = train(model, batches, config.for_variant(variant), vdir / CHECKPOINT, validate=validate,
-                              world=world, deadline=deadline, log=lambda s, tag=tag: log(f"{tag} {s}"))
-                if state.step < config.train.steps:
-                    log(f"{tag} stopped at step {state.step}/{config.train.steps} (time limit); "
-                        "run the same command again to resume")
+                state = _train(config, variant, seed, vdir, batches, dev, validate, world, deadline, log)
+                if state is None:
                     leave(world)
                     return None
-                if world.main:
-                    write_json(vdir / TRAINING, state.__dict__, digits=None)  # read back exactly on resume
-            states[variant].append(state)
-            if evaluate_now:
-                result = evaluate_model(config, data, vdir, variant, seed, dev, deadline, probe, log, state)
-                if result is None:
-                    return None
-                per_variant[variant].append(result)
-    leave(world)
-    if not world.main:
-        return None
-
-    if not evaluate_now:
+                states[variant].append(state)
+        leave(world)
+        if not world.main:
+            return None
         for seed in config.seeds:
             for variant in variants:
                 state = states[variant][config.seeds.index(seed)]
@@ -196,18 +187,121 @@ def run(
                 if result is None:
                     return None
                 per_variant[variant].append(result)
+    else:
+        # One model at a time, each under its own lock, so that several processes (--shared)
+        # can work through one run: a model another running process holds is left to it.
+        done: dict[tuple[int, str], tuple[TrainState, dict]] = {}
+        held: list[tuple[int, str]] = []
+        for seed in config.seeds:
+            sequences = functools.cache(lambda seed=seed: data.training_sequences(seed)[0])  # made once, if needed
+            for variant in variants:
+                outcome = _model(config, data, out, variant, seed, sequences, dev, validate, deadline, probe, log)
+                if outcome is False:
+                    return None  # time limit
+                if outcome is None:
+                    held.append((seed, variant))
+                else:
+                    done[seed, variant] = outcome
+        for seed, variant in held:  # finished by their workers in the meantime?
+            vdir = seed_dir(out, variant, seed)
+            state = finished_state(config, vdir, probe)
+            if state is None:
+                log(f"{len(held)} model(s) were being trained by other processes; the last process to finish "
+                    "writes results.json (or run the same command again once they are done)")
+                return None
+            result = evaluate_model(config, data, vdir, variant, seed, dev, deadline, probe, log, state)
+            if result is None:
+                return None
+            done[seed, variant] = state, result
+        for seed in config.seeds:
+            for variant in variants:
+                state, result = done[seed, variant]
+                states[variant].append(state)
+                per_variant[variant].append(result)
+        if held:
+            return _finish_once(out, log, lambda: _finish(config, data, out, per_variant, states, dev, started,
+                                                          figures_out, log))
+    return _finish(config, data, out, per_variant, states, dev, started, figures_out, log)
+
+
+def _finish_once(out: Path, log: Callable[[str], None], finish: Callable[[], dict]) -> dict | None:
+    """``finish()`` unless another process, done at the same moment, is already at it."""
+    with locked(out / RESULTS_LOCK) as mine:
+        if not mine:
+            log("another process is writing results.json")
+            return None
+        return finish()
+
+
+def _finish(config: AblationConfig, data: AblationData, out: Path, per_variant: dict[str, list[dict]],
+            states: dict[str, list[TrainState]], dev: torch.device, started: float, figures_out,
+            log: Callable[[str], None]) -> dict:
+    """Write ``results.json`` from every model's results, and the figures into ``figures_out``
+    (an :class:`~anomaly.outputs.OutputDir` claimed beforehand) unless it is ``None``."""
     results = assemble(config, data, per_variant, states, dev, time.perf_counter() - started)
     write_json(out / "results.json", results)
     log(f"wrote {out / 'results.json'}")
     if config.preset == "smoke":
         log(SMOKE_NOTE)
-    if figures:
+    if figures_out is not None:
+        from anomaly.ablation.plots import save_all
+
         prov = Provenance.from_argv(model=f"ablation/{config.preset}", seed=list(config.seeds),
                                     extra={"results": str(out / "results.json")})
         with figures_out.writing() as tmp:
             paths = save_all(json.loads((out / "results.json").read_text()), tmp, prov)
         log(f"wrote {len(paths) // 3} figures to {out / 'figures'}")
     return results
+
+
+MODEL_LOCK = ".anomaly-model.lock"
+"""A model folder's lock file: held by the process training or evaluating that model."""
+
+RESULTS_LOCK = ".anomaly-results.lock"
+"""Held while ``results.json`` and the figures are written, when several processes share a run."""
+
+
+def _train(config: AblationConfig, variant: str, seed: int, vdir: Path, batches: list, dev: torch.device,
+           validate: Callable[[torch.nn.Module], dict], world: World, deadline: float | None,
+           log: Callable[[str], None]) -> TrainState | None:
+    """Train (or resume) one model to the cap and write its training record; ``None`` when
+    the deadline stopped it first."""
+    tag = f"[{variant} seed {seed}]"
+    model = build_model(config, variant, seed).to(dev)
+    log(f"{tag} training at peak lr {config.lr_of(variant):g}")
+    state = train(model, batches, config.for_variant(variant), vdir / CHECKPOINT, validate=validate,
+                  world=world, deadline=deadline, log=lambda s: log(f"{tag} {s}"))
+    if state.step < config.train.steps:
+        log(f"{tag} stopped at step {state.step}/{config.train.steps} (time limit); "
+            "run the same command again to resume")
+        return None
+    if world.main:
+        write_json(vdir / TRAINING, state.__dict__, digits=None)  # read back exactly on resume
+    return state
+
+
+def _model(config: AblationConfig, data: AblationData, out: Path, variant: str, seed: int,
+           sequences: Callable[[], list], dev: torch.device, validate: Callable[[torch.nn.Module], dict],
+           deadline: float | None, probe: bool, log: Callable[[str], None]) -> tuple[TrainState, dict] | None | bool:
+    """One model of a single-process run, trained and evaluated unless done: its state and
+    evaluations; ``None`` when another running process holds it; ``False`` on the deadline."""
+    vdir = seed_dir(out, variant, seed)
+    state = finished_state(config, vdir, probe)
+    if state is None:
+        with locked(vdir / MODEL_LOCK) as mine:
+            if not mine:
+                owner = lock_owner(vdir / MODEL_LOCK)
+                log(f"[{variant} seed {seed}] held by process {owner.pid if owner else '?'}; left to it")
+                return None
+            state = finished_state(config, vdir, probe)  # finished while we looked?
+            if state is None:
+                state = _train(config, variant, seed, vdir, sequences(), dev, validate, World(), deadline, log)
+                if state is None:
+                    return False
+            result = evaluate_model(config, data, vdir, variant, seed, dev, deadline, probe, log, state)
+    else:
+        result = evaluate_model(config, data, vdir, variant, seed, dev, deadline, probe, log, state)
+    return False if result is None else (state, result)
 
 
 def _step(path: Path, deadline: float | None, log: Callable[[str], None], what: str, compute: Callable[[], dict]) -> dict | None:
