@@ -169,6 +169,49 @@ def test_criterion_panel_only_where_a_seed_reached_it(results, reached, draw):
     assert not fig.findobj(lambda a: a.get_gid() == f"coca_strict/{plots.TO_CRITERION}/mean")
 
 
+
+def with_matched_stage(reached: dict) -> dict:
+    """A copy of ``reached`` with a matched-stage reading (criterion + 500 steps): RoPE's first
+    seed and both slack seeds, with values unlike the to-criterion ones."""
+    r = copy.deepcopy(reached)
+    per_variant = {}
+    for v in ("rope", "coca_slack"):
+        crit = r["criterion"]["per_variant"][v]
+        entry = {"steps": [None if s is None else s + 500 for s in crit["steps"]],
+                 "seeds_reached": crit["seeds_reached"]}
+        for key in ("passkey", "digit_nll", "ppl"):
+            rows = np.asarray(crit[f"{key}_per_seed"]) * (0.5 if key == "passkey" else 1.5)
+            entry[f"{key}_per_seed"], entry[key] = rows.tolist(), rows.mean(0).tolist()
+        entry["passkey_grid"] = crit["passkey_grid"]
+        per_variant[v] = entry
+    r["matched_stage"] = {"extra_steps": 500, "threshold": 0.9, "scaling": "none", "per_variant": per_variant}
+    return r
+
+
+def test_matched_stage_is_a_panel_and_a_paired_reading(reached, draw):
+    r = with_matched_stage(reached)
+    assert analysis.panels_of(r)[-2:] == [analysis.MATCHED_STAGE, analysis.TO_CRITERION]
+    fig = draw(plots.passkey_vs_length, r)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert any("matched stage (criterion + 500 steps)" in t and "RoPE 1/2" in t and "slack 2/2" in t for t in titles)
+    for v in ("rope", "coca_slack"):
+        _check_band(fig, f"{v}/{analysis.MATCHED_STAGE}",
+                    r["matched_stage"]["per_variant"][v]["passkey_per_seed"], "passkey", 100.0)
+    # Paired by seed: only RoPE's seed 0 reached the stage, so slack − RoPE has that one seed.
+    c = analysis.contrast(r, "passkey", r["eval_lengths"][0], ("coca_slack", analysis.MATCHED_STAGE),
+                          ("rope", analysis.MATCHED_STAGE))
+    slack = r["matched_stage"]["per_variant"]["coca_slack"]["passkey_per_seed"][0][0]
+    rope = r["matched_stage"]["per_variant"]["rope"]["passkey_per_seed"][0][0]
+    assert c.stat.seeds == (r["seeds"][0],) and c.stat.estimate == pytest.approx(slack - rope)
+    text = analysis.report(r)
+    assert "none, matched stage (criterion + 500 steps) (seeds " in text
+    assert analysis.check_results(r) is r
+    broken = copy.deepcopy(r)
+    broken["matched_stage"]["per_variant"]["rope"]["passkey_per_seed"].append([0.0] * len(r["eval_lengths"]))
+    with pytest.raises(analysis.UserError, match="matched_stage passkey_per_seed"):
+        analysis.check_results(broken)
+
+
 def test_heatmap_cells_are_the_passkey_grid(results, reached, draw):
     r = copy.deepcopy(reached)
     n, d = len(r["eval_lengths"]), len(r["depths"])

@@ -5,7 +5,8 @@ and scaling; criterion steps; training curves; anomalous fractions); every summa
 and test is computed here, with the trained model (the seed) as the unit
 (:mod:`anomaly.ablation.seed_stats`, docs/ablation.md "Verdicts"):
 
-* :func:`series`: per reading, variant and panel (a scaling, or :data:`TO_CRITERION`), each
+* :func:`series`: per reading, variant and panel (a scaling, or a snapshot of
+  :data:`SNAPSHOTS`: the matched stage, to criterion), each
   seed's values, their mean and t-interval by length (what the figures draw);
 * :func:`variant_contrasts` / :func:`scaling_effects`: paired per-seed differences between
   variants (slack − RoPE, strict − RoPE, strict − slack) and of dynamic NTK within a variant;
@@ -35,7 +36,14 @@ from anomaly.ablation import seed_stats as st
 from anomaly.cli import ArgumentParser, UserError, run_main
 
 TO_CRITERION = "to criterion"
-"""Panel name of the "to criterion" reading, beside the scalings' names."""
+"""Panel name of the "to criterion" reading (the weights when validation first reached the
+criterion), beside the scalings' names."""
+MATCHED_STAGE = "matched stage"
+"""Panel name of the matched-stage reading (the weights ``train.matched_steps`` steps after the
+criterion step; docs/ablation.md, "The analysis run")."""
+SNAPSHOTS = {MATCHED_STAGE: "matched_stage", TO_CRITERION: "criterion"}
+"""Panels read from weights kept during training (no scaling), with their ``results.json`` key;
+only seeds that reached the snapshot have a row."""
 
 READINGS = ("ppl", "passkey", "digit_nll")
 """Readings by length: perplexity (analysed on the log scale), exact passkey share, digit loss."""
@@ -76,26 +84,37 @@ def scalings_of(results: dict) -> list[str]:
     return list(results.get("scalings") or next(iter(results["ppl"].values())))
 
 
+def snapshot_of(results: dict, variant: str, panel: str = TO_CRITERION) -> dict:
+    """``results[key]["per_variant"][variant]`` for a panel of :data:`SNAPSHOTS` (``criterion``
+    or ``matched_stage``), or ``{}`` when the run has none."""
+    return ((results.get(SNAPSHOTS[panel]) or {}).get("per_variant") or {}).get(variant) or {}
+
+
 def criterion_of(results: dict, variant: str) -> dict:
     """``results["criterion"]["per_variant"][variant]``, or ``{}`` when the run has none."""
-    return ((results.get("criterion") or {}).get("per_variant") or {}).get(variant) or {}
+    return snapshot_of(results, variant, TO_CRITERION)
+
+
+def snapshot_reached(results: dict, panel: str = TO_CRITERION) -> bool:
+    """Whether any seed of any variant reached the snapshot ``panel``."""
+    return any(snapshot_of(results, v, panel).get("seeds_reached") for v in variants_of(results))
 
 
 def criterion_reached(results: dict) -> bool:
     """Whether any seed of any variant reached the validation criterion."""
-    return any(criterion_of(results, v).get("seeds_reached") for v in variants_of(results))
+    return snapshot_reached(results, TO_CRITERION)
 
 
 def panels_of(results: dict) -> list[str]:
-    """The readings side by side: every scaling, then :data:`TO_CRITERION` if any seed
-    reached the criterion."""
-    return scalings_of(results) + ([TO_CRITERION] if criterion_reached(results) else [])
+    """The readings side by side: every scaling, then each of :data:`SNAPSHOTS` that some
+    seed reached (matched stage, then to criterion)."""
+    return scalings_of(results) + [p for p in SNAPSHOTS if snapshot_reached(results, p)]
 
 
-def seeds_reached(results: dict, variant: str) -> list[int]:
-    """Seed ids of ``variant`` that reached the criterion, in the run's seed order (the rows
-    of its to-criterion ``*_per_seed`` tables)."""
-    steps = criterion_of(results, variant).get("steps") or [None] * len(results["seeds"])
+def seeds_reached(results: dict, variant: str, panel: str = TO_CRITERION) -> list[int]:
+    """Seed ids of ``variant`` that reached the snapshot ``panel``, in the run's seed order
+    (the rows of its ``*_per_seed`` tables there)."""
+    steps = snapshot_of(results, variant, panel).get("steps") or [None] * len(results["seeds"])
     return [s for s, step in zip(results["seeds"], steps) if step is not None]
 
 
@@ -112,9 +131,9 @@ def _log(x: np.ndarray) -> np.ndarray:
 def per_seed(results: dict, key: str, variant: str, panel: str) -> dict[int, np.ndarray] | None:
     """Seed id → ``[length]`` values of ``key`` (``ppl``: log-perplexity) for ``variant``
     in ``panel``; ``None`` where there are none (no seed reached the criterion)."""
-    if panel == TO_CRITERION:
-        entry = criterion_of(results, variant)
-        seeds, rows = seeds_reached(results, variant), entry.get(f"{key}_per_seed")
+    if panel in SNAPSHOTS:
+        entry = snapshot_of(results, variant, panel)
+        seeds, rows = seeds_reached(results, variant, panel), entry.get(f"{key}_per_seed")
     else:
         seeds, rows = results["seeds"], ((results.get(f"{key}_per_seed") or {}).get(variant) or {}).get(panel)
     if not seeds or rows is None:
@@ -128,8 +147,9 @@ def per_seed(results: dict, key: str, variant: str, panel: str) -> dict[int, np.
 def grid_per_seed(results: dict, variant: str, panel: str) -> dict[int, np.ndarray] | None:
     """Seed id → ``[length, depth]`` passkey shares, where the run recorded them
     (``passkey_grid_per_seed``; runs before it kept only the mean over seeds)."""
-    if panel == TO_CRITERION:
-        seeds, rows = seeds_reached(results, variant), criterion_of(results, variant).get("passkey_grid_per_seed")
+    if panel in SNAPSHOTS:
+        seeds = seeds_reached(results, variant, panel)
+        rows = snapshot_of(results, variant, panel).get("passkey_grid_per_seed")
     else:
         seeds = results["seeds"]
         rows = ((results.get("passkey_grid_per_seed") or {}).get(variant) or {}).get(panel)
@@ -141,8 +161,8 @@ def grid_per_seed(results: dict, variant: str, panel: str) -> dict[int, np.ndarr
 def mean_grid(results: dict, variant: str, panel: str) -> np.ndarray | None:
     """``[length, depth]`` passkey share, mean over seeds (``None`` where no seed reached the
     criterion)."""
-    if panel == TO_CRITERION:
-        grid = criterion_of(results, variant).get("passkey_grid")
+    if panel in SNAPSHOTS:
+        grid = snapshot_of(results, variant, panel).get("passkey_grid")
     else:
         grid = results["passkey_grid"][variant][panel]
     return None if grid is None else _values(grid)
@@ -206,12 +226,12 @@ def _at(rows: dict[int, np.ndarray], i: int) -> dict[int, float]:
 
 def contrast(results: dict, key: str, length: int, a: tuple[str, str], b: tuple[str, str]) -> Contrast | None:
     """``a − b`` at ``length``, where ``a`` and ``b`` are ``(variant, panel)``. Seeds are
-    paired by id; in the to-criterion reading only seeds that reached it on both sides
-    take part. ``None`` when no seed is on both sides."""
+    paired by id; in a snapshot reading (:data:`SNAPSHOTS`) only seeds that reached it on
+    both sides take part. ``None`` when no seed is on both sides."""
     ra, rb = per_seed(results, key, *a), per_seed(results, key, *b)
     if ra is None or rb is None:
         return None
-    if TO_CRITERION in (a[1], b[1]):
+    if a[1] in SNAPSHOTS or b[1] in SNAPSHOTS:
         common = set(ra) & set(rb)
         ra, rb = {s: ra[s] for s in common}, {s: rb[s] for s in common}
     if not ra:
@@ -392,6 +412,14 @@ def variant_label(variant: str) -> str:
     return {"rope": "RoPE", "coca_slack": "CoCA slack", "coca_strict": "CoCA strict"}.get(variant, variant)
 
 
+def panel_name(results: dict, panel: str) -> str:
+    """``"matched stage (criterion + 500 steps)"`` for the matched stage; other panels as named."""
+    if panel == MATCHED_STAGE:
+        extra = (results.get("matched_stage") or {}).get("extra_steps")
+        return f"{panel} (criterion + {extra} steps)" if extra is not None else panel
+    return panel
+
+
 def markdown_table(results: dict, key: str = "ppl", panels: Sequence[str] | None = None, digits: int | None = None) -> str:
     """``key`` (``ppl``, ``passkey`` or ``digit_nll``) as a Markdown table: one row per
     variant × panel, one column per length; each cell the mean over seeds (geometric for
@@ -408,7 +436,7 @@ def markdown_table(results: dict, key: str = "ppl", panels: Sequence[str] | None
             s = series(results, key, v, panel)
             if s is None:
                 continue
-            name = panel if panel != TO_CRITERION else f"none, to criterion (seeds {', '.join(map(str, s.seeds))})"
+            name = panel if panel not in SNAPSHOTS else f"none, {panel_name(results, panel)} (seeds {', '.join(map(str, s.seeds))})"
             rows.append("| " + " | ".join([variant_label(v), name] + [cell(s, i, digits, seed_digits) for i in range(len(lengths))])
                         + " |")
     return "\n".join(rows)
@@ -549,11 +577,12 @@ def check_results(results: Any, source: str = "results") -> dict:
                 for s in scalings_of(results):
                     _check_shape(results[key][v][s], expected, axes, f"{source}: {key}[{v}][{s}]")
         for v in variants_of(results):
-            entry = criterion_of(results, v)
-            for key, axes in TABLE_SHAPES.items():
-                if entry.get("seeds_reached") and key in entry:
-                    expected = tuple(entry["seeds_reached"] if a == "seed" else dims[a] for a in axes)
-                    _check_shape(entry[key], expected, axes, f"{source}: criterion {key}[{v}]")
+            for panel, name in SNAPSHOTS.items():
+                entry = snapshot_of(results, v, panel)
+                for key, axes in TABLE_SHAPES.items():
+                    if entry.get("seeds_reached") and key in entry:
+                        expected = tuple(entry["seeds_reached"] if a == "seed" else dims[a] for a in axes)
+                        _check_shape(entry[key], expected, axes, f"{source}: {name} {key}[{v}]")
     except (AttributeError, TypeError, ValueError, KeyError, StopIteration) as exc:
         what = f" ({exc.args[0]!r} missing)" if isinstance(exc, KeyError) else ""
         raise UserError(f"{source}: the tables must map variant -> scaling -> values for every variant and "

@@ -10,10 +10,11 @@ without touching the models::
 Every number is drawn with what it rests on, from :mod:`anomaly.ablation.analysis` (the
 seed is the unit): each seed's own value as a point, the mean over seeds as a line and its
 95 % t-interval over seeds as a shaded band (perplexity: geometric mean, interval on the log
-scale). Where some seeds reached the validation criterion,
-their "to criterion" reading (the weights when validation first reached it, no scaling)
-gets a panel of its own beside the equal-budget ones, its title saying how many seeds
-reached it.
+scale). Where some seeds reached the validation criterion, their snapshot readings (no
+scaling) get panels of their own beside the equal-budget ones, each title saying how many
+seeds reached it: the matched stage (the weights ``train.matched_steps`` steps after the
+criterion step, where the run kept them) and "to criterion" (the weights when validation
+first reached it).
 
 Non-finite perplexities (a model that diverged at some length: ``inf``, or ``null`` in the
 JSON) are not dropped silently: they are drawn as hollow triangles pinned to the top of
@@ -35,9 +36,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, NullLocator, PercentFormatter
 
-from anomaly.ablation.analysis import (GUESSING, TO_CRITERION, Series, criterion_of, criterion_reached, grid_per_seed,
-                                       load_results, mean_grid, panels_of, series, variant_contrasts,
-                                       variants_of)
+from anomaly.ablation.analysis import (GUESSING, SNAPSHOTS, TO_CRITERION, Series, grid_per_seed, load_results,
+                                       mean_grid, panel_name, panels_of, series, snapshot_of, snapshot_reached,
+                                       variant_contrasts, variants_of)
 from anomaly.cli import ArgumentParser, UserError, run_main
 from anomaly.io import Provenance
 from anomaly.outputs import OutputDir, claim
@@ -78,21 +79,23 @@ def scaling_label(scaling: str) -> str:
     return scaling
 
 
-def _seeds_reached(results: dict, variant: str) -> str:
-    """``"2/3"``: seeds of ``variant`` that reached the criterion, of all its seeds."""
-    entry = criterion_of(results, variant)
+def _seeds_reached(results: dict, variant: str, panel: str = TO_CRITERION) -> str:
+    """``"2/3"``: seeds of ``variant`` that reached the snapshot ``panel``, of all its seeds."""
+    entry = snapshot_of(results, variant, panel)
     return f"{entry.get('seeds_reached', 0)}/{len(entry.get('steps') or results['seeds'])}"
 
 
 def panel_title(results: dict, panel: str) -> str:
-    """A scaling's label; for :data:`TO_CRITERION`, the reading and how many seeds reached it."""
-    if panel != TO_CRITERION:
+    """A scaling's label; for a snapshot (:data:`SNAPSHOTS`), the reading and how many seeds
+    reached it."""
+    if panel not in SNAPSHOTS:
         return scaling_label(panel)
     threshold = (results.get("criterion") or {}).get("threshold")
-    counts = ", ".join(f"{variant_style(v, i)['short']} {_seeds_reached(results, v)}"
+    counts = ", ".join(f"{variant_style(v, i)['short']} {_seeds_reached(results, v, panel)}"
                        for i, v in enumerate(variants_of(results)))
-    return (f"to criterion (no scaling)\nseeds reaching {threshold:g} at validation:\n{counts}"
-            if threshold is not None else f"to criterion (no scaling)\nseeds: {counts}")
+    name = panel_name(results, panel)
+    return (f"{name} (no scaling)\nseeds reaching {threshold:g} at validation:\n{counts}"
+            if threshold is not None and panel == TO_CRITERION else f"{name} (no scaling)\nseeds: {counts}")
 
 
 # -------------------------------------------------------------------------- drawing
@@ -266,8 +269,8 @@ def perplexity_vs_length(results: dict) -> Figure:
 
 def passkey_vs_length(results: dict) -> Figure:
     """Exact passkey retrieval against evaluation length, same layout as
-    :func:`perplexity_vs_length` (the paper's Tables 2–3 as curves), plus the "to
-    criterion" panel where some seed reached the criterion."""
+    :func:`perplexity_vs_length` (the paper's Tables 2–3 as curves), plus the snapshot
+    panels (matched stage, to criterion) where some seed reached them."""
     fig, axes, _ = _vs_length(results, "passkey", scale=100.0)
     axes[0].set_ylim(-5, 105)
     axes[0].set_ylabel("exact passkey retrieval (% of prompts)")
@@ -304,7 +307,7 @@ def passkey_heatmap(results: dict) -> Figure:
     apply_style()
     lengths, depths, T = list(results["eval_lengths"]), list(results["depths"]), int(results["train_length"])
     variants = variants_of(results)
-    rows = ["none"] + ([TO_CRITERION] if criterion_reached(results) else [])
+    rows = ["none"] + [p for p in SNAPSHOTS if snapshot_reached(results, p)]
     fig, axes = plt.subplots(len(rows), len(variants), figsize=(1.0 + 2.4 * len(variants), 0.9 + 2.4 * len(rows)),
                              sharex=True, sharey=True, constrained_layout=True, squeeze=False)
     samples = results.get("passkey_samples")
@@ -320,9 +323,9 @@ def passkey_heatmap(results: dict) -> Figure:
             if panel == "none":
                 ax.set_title(f"{st['label']}, equal budget")
             else:
-                ax.set_title(f"{st['label']}, to criterion\n({_seeds_reached(results, v)} seeds)")
+                ax.set_title(f"{st['label']}, {panel}\n({_seeds_reached(results, v, panel)} seeds)")
             if grid is None:
-                ax.text(0.5, 0.5, "no seed reached\nthe criterion", ha="center", va="center", transform=ax.transAxes)
+                ax.text(0.5, 0.5, f"no seed reached\nthe {panel}", ha="center", va="center", transform=ax.transAxes)
                 continue
             image = ax.imshow(grid, origin="lower", aspect="auto", cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0,
                               interpolation="nearest", gid=f"{v}/{panel}/grid")
