@@ -35,7 +35,11 @@ from anomaly.rope import (
 )
 
 TWO_PI = 2 * math.pi
+"""A full turn; the one definition the toolkit's angle code shares."""
 CASES = ("a", "b", "c", "d")
+CHANCE_FRACTION = 0.5
+"""Expected case-(d) share for isotropic phases: Θ is then uniform on [0, 2π), and case (d)
+is the half (π, 2π)."""
 
 
 def _t(x, dtype: torch.dtype = torch.float64) -> Tensor:

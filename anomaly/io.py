@@ -43,6 +43,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _umask() -> int:
+    """The process's umask (read by setting it and setting it back), which a temporary file or
+    folder renamed into place must be given explicitly (``mkstemp``/``mkdtemp`` make them
+    private). Shared by the toolkit's writers (:mod:`anomaly.outputs`)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

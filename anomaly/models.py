@@ -312,10 +312,10 @@ def load_model(
                 raise
             raise UserError(f"cannot read the weights in {source}: {str(exc).splitlines()[0]} "
                             f"{SAFETENSORS_ERROR}") from None
-    variant = getattr(model.config, "coca_variant", None)
-    if variant is not None:  # saved by anomaly.coca.to_coca + save_pretrained: CoCA again, as load_coca does
-        from anomaly.coca.hf import to_coca
+    from anomaly.coca.hf import CONFIG_KEY, to_coca
 
+    variant = getattr(model.config, CONFIG_KEY, None)
+    if variant is not None:  # saved by anomaly.coca.to_coca + save_pretrained: CoCA again, as load_coca does
         to_coca(model, variant)
         note = note or f"CoCA ({variant}) model"
     if tokenizer is None:

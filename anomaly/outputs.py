@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from anomaly.errors import UserError
-from anomaly.io import write_text
+from anomaly.io import _umask, write_text
 from anomaly.sameness import same_result
 
 MANIFEST = ".anomaly-outputs.json"
@@ -295,12 +295,6 @@ def _make_staging(out: OutputDir) -> Path:
     except OSError as exc:
         raise UserError(f"{out.flag} {out.path}: cannot write in {anchor} ({exc.strerror or exc}); "
                         f"choose a writable {out.flag}") from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _read_manifest(folder: Path, flag: str) -> dict[str, str]:

@@ -712,7 +712,7 @@ def test_lr_from_refuses_a_file_that_is_not_a_sweep_summary(tmp_path, capsys):
 
 
 def test_a_resumed_run_with_other_learning_rates_is_refused(tmp_path):
-    from anomaly.ablation.run import check_config
+    from anomaly.ablation.config import check_config
     from anomaly.errors import UserError
 
     config = replace(SMOKE, train=replace(SMOKE.train, lr_by_variant=tuple(SWEEP_LRS.items())))

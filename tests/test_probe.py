@@ -27,12 +27,12 @@ from hypothesis import strategies as st
 
 import reference as ref
 from anomaly import rope
+from anomaly.analytic import TWO_PI
 from anomaly.probe import attention_logits, attention_probabilities, capture, mean_logit_by_distance, probe
 from anomaly.probe.activations import rotated_heads
 from anomaly.probe.core import EXACT_TAIL
 from anomaly.probe.stats import pair_statistics
 
-TWO_PI = 2 * math.pi
 # Random tiny models are initialised at 0.1 (not HF's 0.02) so that their attention is far
 # from uniform and a wrong rotation shows in the probabilities.
 INIT = 0.1

@@ -11,11 +11,14 @@ run refuses to continue under a different one.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Callable
 
 from anomaly.errors import UserError
+from anomaly.io import write_json
 
 VARIANTS = ("rope", "coca_slack", "coca_strict")
 """The three models of the ablation, in the order they are trained and reported."""
@@ -464,3 +467,18 @@ def memory_bytes(config: AblationConfig) -> int:
     prompts = (t.val_prompts * d.train_length
                + ev.passkey_samples * len(ev.depths) * sum(config.eval_lengths)) * 8
     return 16 * params + stream + prompts + max(activations, evaluation)
+
+
+def check_config(out: Path, config: AblationConfig) -> None:
+    """Record ``config`` in ``out/config.json``, or check that a run already there used the
+    same one (the run and the learning-rate sweep both refuse to mix configurations)."""
+    path = out / "config.json"
+    if path.exists():
+        previous = config_from_dict(json.loads(path.read_text()))
+        if previous != config:
+            raise UserError(
+                f"{out} holds a run of a different configuration (preset {previous.preset!r}); "
+                "use another --out directory or delete this one"
+            )
+    else:
+        write_json(path, config.to_dict(), digits=None)  # compared exactly on resume

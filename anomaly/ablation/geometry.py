@@ -49,13 +49,13 @@ def anomalous_fractions(model: torch.nn.Module, input_ids: Tensor, variant: str)
 def slack_spread(model: torch.nn.Module, input_ids: Tensor, train_length: int, max_length: int) -> dict:
     """How far the trained slack model's score departs from a relative one (docs/conventions.md §5).
 
-    :func:`anomaly.coca.geometry.measure` on the model's own q/T contents: the same
+    :func:`anomaly.probe.slack_geometry.measure` on the model's own q/T contents: the same
     contents at distances 1, T/8 and T/2, scored with the key at every 8th absolute
     position below ``max_length`` (the longest evaluation length).
     """
-    from anomaly.coca.geometry import measure
     from anomaly.probe.core import SLACK_PAIRS
     from anomaly.probe.result import SlackGeometry
+    from anomaly.probe.slack_geometry import measure
 
     distances = sorted({1, max(1, train_length // 8), max(1, train_length // 2)})
     positions = torch.arange(0, max_length, 8)

@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from anomaly.ablation.config import VARIANTS, AblationConfig, config_from_dict
+from anomaly.ablation.config import VARIANTS, AblationConfig, check_config
 from anomaly.ablation.data import AblationData, build_data
 from anomaly.ablation.distributed import World, join, leave
 from anomaly.ablation.lock import lock_owner, locked
@@ -62,20 +62,6 @@ from anomaly.models import resolve_device
 SMOKE_NOTE = ("smoke preset: a plumbing check of every step on a model too small and too briefly "
               "trained to mean anything; its numbers are not results")
 """Printed at the start and the end of a smoke run and recorded in its results."""
-
-
-def check_config(out: Path, config: AblationConfig) -> None:
-    """Record ``config`` in ``out``, or check that a run already there used the same one."""
-    path = out / "config.json"
-    if path.exists():
-        previous = config_from_dict(json.loads(path.read_text()))
-        if previous != config:
-            raise UserError(
-                f"{out} holds a run of a different configuration (preset {previous.preset!r}); "
-                "use another --out directory or delete this one"
-            )
-    else:
-        write_json(path, config.to_dict(), digits=None)  # compared exactly on resume
 
 
 def _load_json(path: Path) -> dict | None:

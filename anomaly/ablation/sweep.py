@@ -32,11 +32,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from anomaly.ablation.config import PRESETS, VARIANTS, AblationConfig, config_from_dict, get_preset
+from anomaly.ablation.config import PRESETS, VARIANTS, AblationConfig, check_config, config_from_dict, get_preset
 from anomaly.ablation.data import build_data
 from anomaly.ablation.evaluate import passkey_scores, validation_prompts
 from anomaly.ablation.lock import lock_owner, locked
-from anomaly.ablation.run import check_config
 from anomaly.ablation.train import CHECKPOINT, build_model, train
 from anomaly.cli import ArgumentParser, UserError, run_main
 from anomaly.io import Provenance, code_version, write_json

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -14,13 +15,18 @@ import torch
 from anomaly.cli import (
     ArgumentParser, UserError, check_memory, layer_progress, run_main, transformers_bars,
 )
-from anomaly.io import Provenance, write_json
+from anomaly.io import Provenance, code_version, write_json
 from anomaly.outputs import OutputDir, claim
 from anomaly.probe.result import ProbeResult
 
 DEFAULT_TOKENS = 2048
 OWNER = "anomaly.probe"
 """Owner of the probe's files in an output folder's manifest (see :mod:`anomaly.outputs`)."""
+ABLATION_CHECKPOINT = "anomaly.ablation.checkpoint"
+"""The module that loads a model trained by ``python -m anomaly.ablation``. Imported by name
+and only for a local folder (:func:`_find_ablation`): :func:`anomaly.io.code_version` reads
+imports from the source, and the provenance of a probe of any other model must not hash the
+ablation's files, which cannot change its result; a probe of a checkpoint adds them."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +128,15 @@ def _claim_out(args: argparse.Namespace) -> OutputDir:
     return claim(args.out or _default_out(args.model), OWNER, names, replace_own=True)
 
 
+def _find_ablation(model: str):
+    """The ablation checkpoint ``model`` names
+    (:class:`anomaly.ablation.checkpoint.AblationCheckpoint`), or ``None``. Only a local
+    folder can be one, so nothing of the ablation is imported for a name, hub id or file."""
+    if not Path(model).expanduser().is_dir():
+        return None
+    return importlib.import_module(ABLATION_CHECKPOINT).find_checkpoint(model)
+
+
 def _default_out(model: str) -> Path:
     safe = Path(model).stem if model.endswith(".gguf") else model.rstrip("/").replace("/", "__")
     return Path("runs") / "probe" / safe
@@ -133,7 +148,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     use_file_backend()
     from anomaly import model_surgery
-    from anomaly.ablation.checkpoint import find_checkpoint
     from anomaly.models import (
         check_rope_config, load_config, load_model, load_tokenizer, resolve_device, resolve_dtype,
     )
@@ -151,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     target = _claim_out(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    ablation = find_checkpoint(args.model)  # a checkpoint of python -m anomaly.ablation, or None
+    ablation = _find_ablation(args.model)  # a checkpoint of python -m anomaly.ablation, or None
     config = ablation.hf_config() if ablation else load_config(args.model)  # cheap checks before loading weights
     if args.tokens is None:  # the default follows a model with fewer positions (an ablation checkpoint)
         args.tokens = min(DEFAULT_TOKENS, model_surgery.max_positions_of(config) or DEFAULT_TOKENS)
@@ -185,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     prov = Provenance.from_argv(model=args.model, extra={"device": str(device), "dtype": str(dtype), "text": text_name,
                                                          "tokens": args.tokens, "note": loaded.note})
+    if ablation and prov.code:  # the files that loaded the model (imported by name, so not in the walk)
+        prov.code = dict(sorted({**prov.code, **code_version(ABLATION_CHECKPOINT)}.items()))
     with target.writing() as tmp:
         np.savez_compressed(tmp / "arrays.npz", **result.arrays())
         write_json(tmp / "summary.json", {**result.to_json(), "provenance": prov})

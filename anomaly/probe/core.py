@@ -21,7 +21,7 @@ Definitions (docs/conventions.md §2–3), for layer ``l``, query head ``h`` (it
   FFT cross-correlation of the rotated queries and keys (float32 for float32 models, to a few
   millionths of the largest value; see :func:`mean_logit_by_distance`).
 * slack CoCA only, ``slack``: how far the score depends on absolute position
-  (:func:`anomaly.coca.geometry.measure_layer` at distances 1, T/8, T/2).
+  (:func:`anomaly.probe.slack_geometry.measure_layer` at distances 1, T/8, T/2).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from anomaly.model_surgery import config_of, rope_base_of, scaling_record, train
 from anomaly.probe.activations import LayerCapture, capture, rotated_heads
 from anomaly.probe.coca import ZERO_ANGLE_TOL, effective_layer, model_kind
 from anomaly.probe.result import ProbeResult, SlackGeometry
+from anomaly.probe.slack_geometry import measure_layer
 from anomaly.probe.stats import pair_statistics
 
 
@@ -178,8 +179,6 @@ def probe(
     indices: list[int] = []
     slack_layers = []
     if variant == "slack":
-        from anomaly.coca.geometry import measure_layer
-
         distances, positions, described = _slack_setup(t, train)
         generator = torch.Generator().manual_seed(0)
 

@@ -11,19 +11,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from anomaly.coca.geometry import LayerGeometry, summarise
+from anomaly.analytic import CHANCE_FRACTION
+from anomaly.probe.slack_geometry import LayerGeometry, summarise
 
-CHANCE_FRACTION = 0.5
-"""Expected case-(d) share for isotropic phases: Θ is then uniform on [0, 2π)."""
-
-KINDS = ("rope", "coca_strict", "coca_slack")
-"""What a probed model scores with: RoPE, or CoCA (docs/conventions.md §5) in either form."""
+__all__ = ["CHANCE_FRACTION", "ProbeResult", "SlackGeometry"]
 
 
 @dataclass
 class SlackGeometry:
     """How far a slack CoCA model's score depends on absolute position
-    (:func:`anomaly.coca.geometry.measure_layer`, per layer)."""
+    (:func:`anomaly.probe.slack_geometry.measure_layer`, per layer)."""
 
     layers: list[LayerGeometry]
     """Per layer: relative spread per distance and the position-sampled case-(d) share."""

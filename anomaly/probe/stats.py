@@ -50,9 +50,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from anomaly.analytic import TWO_PI
 from anomaly.rope import Layout, check_layout, slice_members
 
-TWO_PI = 2 * math.pi
 METHODS = ("sweep", "blocks")
 
 

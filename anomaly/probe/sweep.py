@@ -37,8 +37,9 @@ import math
 import numba
 import numpy as np
 
+from anomaly.analytic import TWO_PI
+
 PI = math.pi
-TWO_PI = 2 * math.pi
 TABLE_CELLS = 8192
 """Pseudo-angle cells of :func:`bin_table` (over ``[0, 4)``): ~1 % of them straddle a
 bin edge at 64 bins."""

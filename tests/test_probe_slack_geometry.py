@@ -1,5 +1,5 @@
-"""anomaly.coca.geometry: slack CoCA's departure from a relative score, and its effective
-initial angles, against brute-force float64 loops."""
+"""anomaly.probe.slack_geometry: slack CoCA's departure from a relative score, and its
+effective initial angles, against brute-force float64 loops."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import reference as ref
-from anomaly.coca.geometry import measure, slack_case_d_fraction, slack_relative_spread, summarise
+from anomaly.probe.slack_geometry import measure, slack_case_d_fraction, slack_relative_spread, summarise
 from anomaly.rope import LAYOUTS, inv_freq
 from conftest import tiny_model
 
@@ -85,3 +85,14 @@ def test_measure_refuses_distances_beyond_the_contents():
     ids = torch.zeros(1, 8, dtype=torch.long)
     with pytest.raises(ValueError, match="needs more than 8 tokens"):
         measure(model, ids, distances=[8], positions=torch.arange(4))
+
+
+def test_the_command_keeps_the_measurement_names():
+    # python -m anomaly.coca.geometry is a command now; code written against its earlier
+    # layout still finds the measurement there.
+    import anomaly.coca.geometry as command
+    import anomaly.probe.slack_geometry as measurement
+
+    for name in ("LayerGeometry", "measure", "measure_layer", "slack_case_d_fraction",
+                 "slack_relative_spread", "spread_bytes", "summarise"):
+        assert getattr(command, name) is getattr(measurement, name)
