@@ -15,7 +15,7 @@ import reference as ref
 from anomaly.coca import to_coca
 from anomaly.errors import UserError
 from anomaly.probe import attention_probabilities, capture, probe
-from anomaly.probe.coca import ZERO_ANGLE_TOL, effective_layer, model_kind
+from anomaly.probe.coca import ZERO_ANGLE_TOL, effective_layer, model_variant
 from conftest import tiny_model
 
 INIT = 0.1  # far from uniform attention, so a wrong content shows in the probabilities
@@ -52,14 +52,14 @@ def test_effective_contents_rebuild_eager_attention(variant):
         assert (wrong - hf[0]).abs().max().item() > 1e-3
 
 
-def test_model_kind():
-    assert model_kind(coca_model(None)) == "rope"
-    assert model_kind(coca_model("strict")) == "coca_strict"
-    assert model_kind(coca_model("slack")) == "coca_slack"
+def test_model_variant():
+    assert model_variant(coca_model(None)) == "rope"
+    assert model_variant(coca_model("strict")) == "coca_strict"
+    assert model_variant(coca_model("slack")) == "coca_slack"
     plain = coca_model(None)
     plain.config.coca_variant = "strict"  # a CoCA checkpoint loaded without its CoCA layers
     with pytest.raises(UserError, match="load_coca"):
-        model_kind(plain)
+        model_variant(plain)
     with pytest.raises(UserError, match="load_coca"):
         probe(plain, ids_for(plain, 8))
 

@@ -34,7 +34,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from anomaly.ablation.config import PRESETS, VARIANTS, get_preset, memory_bytes, override, validate
+from anomaly import variants
+from anomaly.ablation.config import PRESETS, get_preset, memory_bytes, override, validate
 from anomaly.ablation.distributed import refuse_under_torchrun, under_torchrun, world_from_env
 from anomaly.ablation.lock import LockOwner, is_running, lock_owner, locked
 from anomaly.ablation.run import run
@@ -56,7 +57,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m anomaly.ablation", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", required=True, help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--out", required=True, type=Path, help="output directory (resumable)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="subset of the variants to run")
+    p.add_argument("--variants", nargs="+", default=list(variants.names()), help="subset of the variants to run")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--max-minutes", type=finite_float, default=None,
                    help="stop (after a checkpoint) once this many minutes have passed; rerun to resume")
@@ -100,12 +101,12 @@ def lrs_from_sweep(path: Path) -> tuple[tuple[str, float], ...]:
         raise UserError(f"--lr-from {path}: the sweep is incomplete ({summary.get('finished', '?')} of "
                         f"{summary.get('expected', '?')} models); finish it and run --summarise again")
     chosen = summary["chosen"]
-    for v in VARIANTS:
+    for v in variants.names():
         lr = chosen.get(v)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise UserError(f"--lr-from {path}: the sweep chose no usable learning rate for {v} ({lr!r}); "
                             "a sweep of every variant is needed")
-    return tuple((v, float(chosen[v])) for v in VARIANTS)
+    return tuple((v, float(chosen[v])) for v in variants.names())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,9 +139,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if not 1 <= args.seeds <= MAX_SEEDS:
             raise UserError(f"--seeds must be between 1 and {MAX_SEEDS}, got {args.seeds}")
         config = config.with_seeds(args.seeds)
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown:
-        raise UserError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    variants.check_names(args.variants)
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise UserError(f"--max-minutes must be positive, got {args.max_minutes}")
     # Before anything is written: a refused setting or device must leave no config.json behind.

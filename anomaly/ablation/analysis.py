@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from anomaly import variants as registry
 from anomaly.ablation import seed_stats as st
 from anomaly.cli import ArgumentParser, UserError, run_main
 
@@ -409,7 +410,8 @@ def cell(s: Series, i: int, digits: int = 2, seed_digits: int | None = None) -> 
 
 
 def variant_label(variant: str) -> str:
-    return {"rope": "RoPE", "coca_slack": "CoCA slack", "coca_strict": "CoCA strict"}.get(variant, variant)
+    """``"CoCA slack"`` for ``"coca_slack"``: the registered label (:mod:`anomaly.variants`)."""
+    return registry.variant(variant).label
 
 
 def panel_name(results: dict, panel: str) -> str:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from anomaly.ablation.config import VARIANTS, AblationConfig, config_from_dict
+from anomaly import variants
+from anomaly.ablation.config import AblationConfig, config_from_dict
 from anomaly.ablation.train import CHECKPOINT, build_model, load_checkpoint, seed_dir
 from anomaly.errors import UserError
 from anomaly.models import LoadedModel, check_safetensors
@@ -120,7 +121,7 @@ def find_checkpoint(name_or_path: str) -> AblationCheckpoint | None:
     """
     path = Path(name_or_path).expanduser()
     lowest_of: tuple[int, ...] = ()
-    if path.name in VARIANTS and not _is_checkpoint(path / CHECKPOINT) and _seeds_in(path):
+    if path.name in variants.REGISTRY and not _is_checkpoint(path / CHECKPOINT) and _seeds_in(path):
         lowest_of = tuple(_seeds_in(path))
         path = seed_dir(path.parent, path.name, lowest_of[0])
     if path.name != CHECKPOINT:
@@ -128,9 +129,9 @@ def find_checkpoint(name_or_path: str) -> AblationCheckpoint | None:
     if not _is_checkpoint(path):
         return None
     seed, variant, run = SEED_DIR.fullmatch(path.parent.name), path.parent.parent.name, path.parent.parent.parent
-    if seed is None or variant not in VARIANTS:
+    if seed is None or variant not in variants.REGISTRY:
         raise UserError(f"{path} looks like an ablation checkpoint but does not sit in <run>/<variant>/seed<s>/ "
-                        f"(variants: {', '.join(VARIANTS)}); point at a checkpoint of a complete run directory")
+                        f"(variants: {', '.join(variants.REGISTRY)}); point at a checkpoint of a complete run directory")
     try:
         config = config_from_dict(json.loads((run / "config.json").read_text()))
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -17,17 +17,17 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from anomaly import variants
 from anomaly.errors import UserError
 from anomaly.io import write_json
 
-VARIANTS = ("rope", "coca_slack", "coca_strict")
-"""The three models of the ablation, in the order they are trained and reported."""
+VARIANTS = variants.names()
+"""The models of the ablation, in the order they are trained and reported: the variants of
+:data:`anomaly.variants.REGISTRY` when this module was imported (code reads
+:func:`anomaly.variants.names`, which also sees a variant registered later)."""
 
 SCALINGS = ("none", "ntk-2", "ntk-4", "ntk-8")
 """Evaluation-time RoPE scalings: none, and dynamic NTK with factor 2, 4 and 8."""
-
-# Which CoCA variant of :func:`anomaly.coca.to_coca` each model uses (None: plain RoPE).
-COCA_VARIANT = {"rope": None, "coca_slack": "slack", "coca_strict": "strict"}
 
 
 @dataclass(frozen=True)
@@ -369,7 +369,7 @@ _FIELD_CHECKS: dict[str, _Check] = {
     "train.min_lr_ratio": _SHARE, "train.weight_decay": _NONNEG, "train.grad_clip": _POS,
     "train.log_every": _INT1, "train.checkpoint_every": _INT1, "train.val_every": _INT1,
     "train.val_prompts": _INT1, "train.criterion": _SHARE,
-    "train.lr_by_variant": (lambda v: v == () or (sorted(name for name, _ in v) == sorted(VARIANTS)
+    "train.lr_by_variant": (lambda v: v == () or (sorted(name for name, _ in v) == sorted(variants.names())
                                                   and all(_is_num(lr) and lr > 0 for _, lr in v)),
                             f"must be empty or give each of {', '.join(VARIANTS)} once a finite learning rate above 0"),
     "train.matched_steps": (lambda v: v is None or (_is_int(v) and v >= 0), "must be None or a whole number of at least 0"),

@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, NullLocator, PercentFormatter
 
+from anomaly import variants as registry
 from anomaly.ablation.analysis import (GUESSING, SNAPSHOTS, TO_CRITERION, Series, grid_per_seed, load_results,
                                        mean_grid, panel_name, panels_of, series, snapshot_of, snapshot_reached,
                                        variant_contrasts, variants_of)
@@ -43,13 +44,6 @@ from anomaly.cli import ArgumentParser, UserError, run_main
 from anomaly.io import Provenance
 from anomaly.outputs import OutputDir, claim
 from anomaly.plotting.style import CYCLE, PALETTE, SEQUENTIAL_CMAP, apply_style, save_figure, use_file_backend
-
-VARIANT_STYLE: dict[str, dict[str, Any]] = {
-    "rope": {"label": "RoPE", "short": "RoPE", "color": PALETTE["vermillion"], "marker": "o"},
-    "coca_slack": {"label": "CoCA slack", "short": "slack", "color": PALETTE["blue"], "marker": "s"},
-    "coca_strict": {"label": "CoCA strict", "short": "strict", "color": PALETTE["green"], "marker": "D"},
-}
-"""Label, short label, colour and marker of each variant, the same in every figure."""
 
 CHANCE = 0.5
 """Anomalous fraction of directions drawn uniformly at random (docs/conventions.md §3): half of the
@@ -64,10 +58,11 @@ SEED_NUDGE = 2 ** 0.03
 
 
 def variant_style(variant: str, index: int = 0) -> dict[str, Any]:
-    """Label, short label, colour and marker of ``variant`` (unknown variants cycle the palette)."""
-    if variant in VARIANT_STYLE:
-        return VARIANT_STYLE[variant]
-    return {"label": variant, "short": variant, "color": CYCLE[(index + 3) % len(CYCLE)], "marker": "^"}
+    """Label, short label, colour and marker of ``variant``, the same in every figure: its entry in
+    :data:`anomaly.variants.REGISTRY` (``index``, its place in the figure, is not needed: every
+    variant has its own style). An unregistered variant is a :class:`UserError`."""
+    v = registry.variant(variant)
+    return {"label": v.label, "short": v.short, "color": PALETTE[v.colour], "marker": v.marker}
 
 
 def scaling_label(scaling: str) -> str:

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from anomaly.ablation.config import VARIANTS
+from anomaly import variants
 from anomaly.ablation.seed_stats import proportion
 
 
@@ -59,25 +59,18 @@ class PreviousTokenConfig:
 
 
 def _model(config: PreviousTokenConfig, variant: str) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The one-layer model of ``variant`` (untied embeddings), from ``config.seed``."""
+    from anomaly.ablation.train import build_llama
 
-    from anomaly.ablation.config import COCA_VARIANT
-    from anomaly.coca import to_coca
-
-    hf = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                     intermediate_size=4 * config.hidden_size, num_hidden_layers=1,
-                     num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
-                     max_position_embeddings=config.length, tie_word_embeddings=False,
-                     attn_implementation="sdpa")
-    torch.manual_seed(config.seed)
-    model = LlamaForCausalLM(hf)
-    return to_coca(model, COCA_VARIANT[variant]) if COCA_VARIANT[variant] else model
+    return build_llama(variant, config.seed, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                       intermediate_size=4 * config.hidden_size, num_layers=1, num_heads=config.num_heads,
+                       max_position_embeddings=config.length, tie_word_embeddings=False)
 
 
 def train_previous_token(config: PreviousTokenConfig, variant: str) -> dict:
     """Train one variant on the task; returns its test accuracy with a 95 % interval."""
     start = time.perf_counter()
-    model = _model(config, variant).train()
+    model = _model(config, variant)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed + 1)  # same batches for every variant
     for step in range(config.steps):
@@ -124,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = []
     for seed in range(args.seeds):
         config = PreviousTokenConfig(seed=seed, steps=args.steps)
-        for variant in VARIANTS:
+        for variant in variants.names():
             runs.append({"seed": seed, **train_previous_token(config, variant)})
             print(f"seed {seed} {variant:>11}: previous-token accuracy {runs[-1]['accuracy']:.3f} "
                   f"[{runs[-1]['ci'][0]:.3f}, {runs[-1]['ci'][1]:.3f}] (chance {runs[-1]['chance']:.3f})", flush=True)

@@ -44,7 +44,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from anomaly.ablation.config import VARIANTS, AblationConfig, check_config
+from anomaly import variants as registry
+from anomaly.ablation.config import AblationConfig, check_config
 from anomaly.ablation.data import AblationData, build_data
 from anomaly.ablation.distributed import World, join, leave
 from anomaly.ablation.lock import lock_owner, locked
@@ -101,7 +102,7 @@ def run(
     config: AblationConfig,
     out: Path,
     *,
-    variants: Sequence[str] = VARIANTS,
+    variants: Sequence[str] | None = None,
     device: str = "auto",
     deadline: float | None = None,
     probe: bool = True,
@@ -120,6 +121,8 @@ def run(
         other processes sharing the run are unfinished, and on ranks other than 0.
     """
     started = time.perf_counter()
+    variants = registry.names() if variants is None else tuple(variants)
+    registry.check_names(variants)
     dev = join(world, resolve_device(device), config.train.batch_size)  # before anything is written
     if dev.type == "cpu" and config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
@@ -190,7 +193,7 @@ def run(
                     done[seed, variant] = outcome
         for seed, variant in held:  # finished by their workers in the meantime?
             vdir = seed_dir(out, variant, seed)
-            state = finished_state(config, vdir, probe)
+            state = finished_state(config, vdir, probe and registry.variant(variant).probed)
             if state is None:
                 log(f"{len(held)} model(s) were being trained by other processes; the last process to finish "
                     "writes results.json (or run the same command again once they are done)")
@@ -272,6 +275,7 @@ def _model(config: AblationConfig, data: AblationData, out: Path, variant: str, 
     """One model of a single-process run, trained and evaluated unless done: its state and
     evaluations; ``None`` when another running process holds it; ``False`` on the deadline."""
     vdir = seed_dir(out, variant, seed)
+    probe = probe and registry.variant(variant).probed  # a variant the probe cannot read has no geometry.json
     state = finished_state(config, vdir, probe)
     if state is None:
         with locked(vdir / MODEL_LOCK) as mine:
@@ -355,7 +359,8 @@ def evaluate_model(
         + ", ".join(f"{m:.2f}" for m in retrieval["matching"]) + " by length")
 
     geometry = None
-    if probe:
+    spec = registry.variant(variant)
+    if probe and spec.probed:
         def measure() -> dict:
             model = weights(CHECKPOINT)
             tokens = config.eval.probe_tokens or config.data.train_length
@@ -363,9 +368,9 @@ def evaluate_model(
             ids = data.held_out[name][:tokens][None].to(device)  # [1, tokens]
             start = time.perf_counter()
             geo = anomalous_fractions(model, ids, variant)
-            if variant == "coca_slack":
+            if spec.slack_geometry:
                 geo["slack_spread"] = slack_spread(model, ids, config.data.train_length, max(config.eval_lengths))
-            if variant != "rope":
+            if spec.coefficient_sparsity:
                 geo["coefficients"] = coefficient_sparsity(model, ids)
             geo.update(text=name, seconds=time.perf_counter() - start)
             say(f"anomalous fraction {geo['mean']:.3f} (weighted {geo['weighted_mean']:.3f})")

@@ -32,7 +32,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from anomaly.ablation.config import PRESETS, VARIANTS, AblationConfig, check_config, config_from_dict, get_preset
+from anomaly import variants as registry
+from anomaly.ablation.config import PRESETS, AblationConfig, check_config, config_from_dict, get_preset
 from anomaly.ablation.data import build_data
 from anomaly.ablation.evaluate import passkey_scores, validation_prompts
 from anomaly.ablation.lock import lock_owner, locked
@@ -87,7 +88,7 @@ class SweepModel:
 def plan(variants: Sequence[str], lrs: Sequence[float], seeds: Sequence[int]) -> list[SweepModel]:
     """The sweep's models in the order they are trained: seed-major, then learning rate, then
     variant, so that a partial sweep already compares the variants on whole seeds."""
-    order = [v for v in VARIANTS if v in variants]
+    order = [v for v in registry.names() if v in variants]
     return [SweepModel(v, lr, s) for s in seeds for lr in lrs for v in order]
 
 
@@ -339,7 +340,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lrs", nargs="+", type=float, default=list(GRID_LRS), help="peak learning rates")
     p.add_argument("--tuning-seeds", nargs="+", type=int, default=list(TUNING_SEEDS),
                    help="training seeds of the sweep (never 0–9: those are the analysis seeds)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="subset of the variants")
+    p.add_argument("--variants", nargs="+", default=list(registry.names()), help="subset of the variants")
     p.add_argument("--results", required=True, type=Path, help="one result file per finished model (commit it)")
     p.add_argument("--work", type=Path, default=None, help="checkpoints, token cache and locks (runs/…)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -367,9 +368,7 @@ def check_grid(lrs: Sequence[float], seeds: Sequence[int], variants: Sequence[st
                             "analysis seeds and never tune; choose others, e.g. 100 101")
     if len(set(seeds)) != len(seeds):
         raise UserError("--tuning-seeds: a seed is given twice; list each once")
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise UserError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    registry.check_names(variants)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,9 +1,11 @@
-"""Build and train the three ablation models, with resumable safetensors checkpoints.
+"""Build and train the ablation models, with resumable safetensors checkpoints.
 
 For one seed, all variants start from the *same* random initialisation: the model is built
-as a plain HF ``LlamaForCausalLM`` and the CoCA variants are then converted in place by
-:func:`anomaly.coca.to_coca`, which keeps every parameter (``k_proj`` becomes the T
-projection). They then see the same batches in the same order for the same number of steps.
+as a plain HF ``LlamaForCausalLM`` (:func:`build_llama`, the one builder of the toolkit's
+from-scratch models) and then converted as its variant's registry entry says
+(:mod:`anomaly.variants`: :func:`anomaly.coca.to_coca` for a CoCA form, ``k_proj`` becoming
+the T projection), keeping every parameter. They then see the same batches in the same order
+for the same number of steps.
 
 Under ``torchrun`` (:mod:`anomaly.ablation.distributed`) each process takes an equal share
 of every global batch and PyTorch DDP averages the gradients, so a step sees the same
@@ -24,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from anomaly.ablation.config import COCA_VARIANT, AblationConfig
+from anomaly import variants
+from anomaly.ablation.config import AblationConfig
 from anomaly.ablation.data import EOS
 from anomaly.ablation.distributed import World
 from anomaly.coca import to_coca
@@ -56,44 +59,86 @@ def rope_parameters(config: AblationConfig, scaling: str = "none") -> dict:
     raise ValueError(f"unknown scaling {scaling!r}; use 'none' or 'ntk-<factor>'")
 
 
-def build_model(config: AblationConfig, variant: str, seed: int = 0):
-    """A randomly initialised model of ``variant`` from ``seed`` (same weights for every variant).
+def build_llama(
+    variant: str,
+    seed: int,
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_layers: int,
+    num_heads: int,
+    max_position_embeddings: int,
+    head_dim: int | None = None,
+    rope_theta: float = 10000.0,
+    tie_word_embeddings: bool = True,
+    eos_token_id: int | None = None,
+) -> torch.nn.Module:
+    """A randomly initialised from-scratch LLaMA (HF ``LlamaForCausalLM``, SDPA attention, no
+    GQA) from ``seed``, converted to ``variant`` as its entry in
+    :data:`anomaly.variants.REGISTRY` says: its own ``convert``, else :func:`anomaly.coca.to_coca`
+    for a CoCA form, else unchanged (RoPE). The weights are drawn before the conversion, which
+    keeps every parameter, so all variants of one seed start from the same weights.
+
+    Args:
+        head_dim: ``None``: ``hidden_size / num_heads``.
+        eos_token_id: also the BOS and padding id; ``None``: transformers' defaults.
+
+    Returns:
+        The model in train mode, float32, on the CPU.
+
+    Raises:
+        UserError: ``variant`` is not registered (before anything is built).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = variants.variant(variant)
+    special = {} if eos_token_id is None else {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id,
+                                                "pad_token_id": eos_token_id}
+    hf_config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        tie_word_embeddings=tie_word_embeddings,
+        attn_implementation="sdpa",
+        **special,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(hf_config)
+    if spec.convert is not None:
+        model = spec.convert(model)
+    elif spec.coca is not None:
+        model = to_coca(model, spec.coca)
+    return model.train()
+
+
+def build_model(config: AblationConfig, variant: str, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised ablation model of ``variant`` from ``seed`` (:func:`build_llama`
+    with the config's shape; same weights for every variant).
 
     Returns:
         ``LlamaForCausalLM`` in train mode, float32, on the CPU.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     m = config.model
-    hf_config = LlamaConfig(
-        vocab_size=m.vocab_size,
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_heads,
-        head_dim=m.head_dim,
+    model = build_llama(
+        variant, seed, vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_layers=m.num_layers, num_heads=m.num_heads, head_dim=m.head_dim,
         # Dynamic NTK's "original length" is max_position_embeddings: the training length.
-        max_position_embeddings=config.data.train_length,
-        rope_parameters=rope_parameters(config, "none"),
-        tie_word_embeddings=True,
-        bos_token_id=EOS,
-        eos_token_id=EOS,
-        pad_token_id=EOS,
-        attn_implementation="sdpa",
+        max_position_embeddings=config.data.train_length, rope_theta=m.rope_theta, eos_token_id=EOS,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(hf_config)
-    coca = COCA_VARIANT[variant]
-    if coca is not None:
-        model = to_coca(model, coca)
-        if m.coca_init_gain != 1.0:
-            with torch.no_grad():
-                for layer in decoder_layers(model):
-                    attn = attention_module(layer)
-                    attn.q_proj.weight.mul_(m.coca_init_gain)
-                    attn.k_proj.weight.mul_(m.coca_init_gain)
-    return model.train()
+    if variants.variant(variant).coca is not None and m.coca_init_gain != 1.0:
+        with torch.no_grad():
+            for layer in decoder_layers(model):
+                attn = attention_module(layer)
+                attn.q_proj.weight.mul_(m.coca_init_gain)
+                attn.k_proj.weight.mul_(m.coca_init_gain)
+    return model
 
 
 def learning_rate(config: AblationConfig, step: int) -> float:

@@ -220,10 +220,10 @@ def _report(result: ProbeResult, model: str, text_name: str, probe_s: float, tar
     frac, wfrac = result.anomalous_fraction, result.weighted_anomalous_fraction  # [layers, heads]
     # Every head counts the same number of triples, so the mean of the per-head shares is
     # the share over all triples; the weighted share is a mean over heads.
-    kind = {"rope": "", "coca_strict": " (CoCA strict: its effective initial angles)",
-            "coca_slack": " (CoCA slack: its effective initial angles)"}[result.kind]
+    from anomaly import variants
+
     lines = [
-        f"{model}{kind}: {result.layers} layers × {result.heads} heads, "
+        f"{model}{variants.variant(result.kind).probe_report()}: {result.layers} layers × {result.heads} heads, "
         f"{result.tokens} tokens of {Path(text_name).name}, probed in {probe_s:.1f} s",
         f"{100 * frac.mean():.1f} % of causal (query, key, slice) triples start in the anomalous "
         f"case (d), where chance is {100 * result.chance_fraction:g} %; weighted by norm "

@@ -1,4 +1,4 @@
-"""CoCA models in the probe: which kind of model it is, and what its layers score with.
+"""CoCA models in the probe: which variant a model is, and what its layers score with.
 
 A CoCA layer (:func:`anomaly.coca.to_coca`) hands its attention ``q′``/``k′``, CoCA's
 per-token transforms of the raw query and T projections (docs/conventions.md §5), not the
@@ -26,30 +26,32 @@ position 0, so an exact angle of 0 comes back as ±1e-16 rad; Θ within this of 
 is read as 0. A genuine angle that small changes no score."""
 
 
-def model_kind(model: nn.Module) -> str:
-    """``"rope"``, ``"coca_strict"`` or ``"coca_slack"``: what ``model``'s attention scores with.
+def model_variant(model: nn.Module) -> str:
+    """The registered variant (:mod:`anomaly.variants`) ``model``'s attention scores with:
+    ``"rope"``, ``"coca_strict"`` or ``"coca_slack"``, read from the CoCA form of its layers.
 
     Raises:
         UserError: the config records a CoCA variant but the layers are plain attention (a
             CoCA checkpoint loaded with ``from_pretrained``: the probe would measure the
             wrong geometry), or the layers mix variants.
     """
+    from anomaly import variants
     from anomaly.coca.hf import CONFIG_KEY, coca_layers
     from anomaly.model_surgery import config_of
 
     declared = getattr(config_of(model), CONFIG_KEY, None)
-    variants = {layer.coca_variant for layer in coca_layers(model)}
-    if not variants:
+    forms = {layer.coca_variant for layer in coca_layers(model)}
+    if not forms:
         if declared is not None:
             raise UserError(
                 f"the model's config says CoCA ({declared}) but its attention layers are plain RoPE "
                 "attention; load it with anomaly.coca.load_coca (python -m anomaly.probe does)"
             )
-        return "rope"
-    if len(variants) > 1 or (declared is not None and {declared} != variants):
-        raise UserError(f"the model mixes CoCA variants ({', '.join(sorted(variants | {declared} - {None}))}); "
+        return variants.of_coca(None).name
+    if len(forms) > 1 or (declared is not None and {declared} != forms):
+        raise UserError(f"the model mixes CoCA variants ({', '.join(sorted(forms | {declared} - {None}))}); "
                         "convert every layer with anomaly.coca.to_coca(model, variant)")
-    return f"coca_{variants.pop()}"
+    return variants.of_coca(forms.pop()).name
 
 
 def effective_layer(layer: LayerCapture) -> LayerCapture:

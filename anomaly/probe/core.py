@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from anomaly import analytic
+from anomaly import analytic, variants
 from anomaly.model_surgery import config_of, rope_base_of, scaling_record, train_length_of
 from anomaly.probe.activations import LayerCapture, capture, rotated_heads
-from anomaly.probe.coca import ZERO_ANGLE_TOL, effective_layer, model_kind
+from anomaly.probe.coca import ZERO_ANGLE_TOL, effective_layer, model_variant
 from anomaly.probe.result import ProbeResult, SlackGeometry
 from anomaly.probe.slack_geometry import measure_layer
 from anomaly.probe.stats import pair_statistics
@@ -170,26 +170,26 @@ def probe(
     t = ids.numel()
     if t < 2:
         raise ValueError("probe needs at least two tokens (one causal pair)")
-    kind = model_kind(model)
-    variant = kind.removeprefix("coca_") if kind != "rope" else None
-    tol = ZERO_ANGLE_TOL if variant else 0.0
+    variant = variants.variant(model_variant(model))
+    coca = variant.coca  # CoCA's form of the layers; None: plain attention, read as captured
+    tol = ZERO_ANGLE_TOL if coca else 0.0
     config = config_of(model)
     train = int(train_length or train_length_of(config))
     per_layer: list[dict[str, np.ndarray]] = []
     indices: list[int] = []
     slack_layers = []
-    if variant == "slack":
+    if variant.slack_geometry:
         distances, positions, described = _slack_setup(t, train)
         generator = torch.Generator().manual_seed(0)
 
     def on_layer(layer: LayerCapture) -> None:
-        if layer.coca_variant != variant:  # the capture and the model disagree: never guess
+        if layer.coca_variant != coca:  # the capture and the model disagree: never guess
             raise RuntimeError(f"layer {layer.index} was captured as {layer.coca_variant or 'RoPE'}, "
-                               f"but the model is {kind}")
-        if variant == "slack":  # from the raw projections
+                               f"but the model is {variant.name}")
+        if variant.slack_geometry:  # from the raw projections
             slack_layers.append(measure_layer(layer, distances=distances, positions=positions,
                                               pairs=SLACK_PAIRS, generator=generator))
-        if variant is not None:
+        if coca is not None:
             layer = effective_layer(layer)
         per_layer.append(layer_statistics(layer, bins, tol))
         indices.append(layer.index)
@@ -206,7 +206,7 @@ def probe(
     return ProbeResult(
         model=model_name or getattr(config, "_name_or_path", None) or config.model_type,
         model_type=config.model_type,
-        kind=kind,
+        kind=variant.name,
         layers=len(per_layer),
         layer_indices=indices,
         heads=cap.n_heads,
@@ -226,16 +226,16 @@ def probe(
         weighted_anomalous_fraction=arrays["weight_d"].sum(-1) / np.maximum(arrays["weight_all"].sum(-1), 1e-300),
         logit_peak_distance=1 + arrays["mean_logit"][:, :, 1 : peak_window + 1].argmax(-1),
         rotations=analytic.rotations(torch.from_numpy(arrays["inv_freq"]), train).numpy(),
-        slack=SlackGeometry(slack_layers, distances, described, SLACK_PAIRS) if variant == "slack" else None,
-        definitions=definitions(kind),
+        slack=SlackGeometry(slack_layers, distances, described, SLACK_PAIRS) if variant.slack_geometry else None,
+        definitions=definitions(variant.name),
         **arrays,
     )
 
 
-def definitions(kind: str) -> dict[str, str]:
-    """Each summary quantity in words, for ``summary.json``."""
+def definitions(variant: str) -> dict[str, str]:
+    """Each summary quantity in words, for ``summary.json`` of a model of ``variant``."""
     angle = "Θ_j(m,n) = arg q_{m,j} − arg k_{n,j} mod 2π, pre-RoPE q/k (docs/conventions.md §2)"
-    if kind != "rope":
+    if variants.variant(variant).coca is not None:
         angle = ("Θ_j(m,n) of CoCA's effective contents, the vectors whose rotation gives the q′/k′ its "
                  "attention multiplies (anomaly.coca.coca_qk, rotated=False; docs/conventions.md §5)")
     return {

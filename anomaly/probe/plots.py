@@ -10,12 +10,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from anomaly import variants
 from anomaly.io import Provenance
 from anomaly.probe.result import ProbeResult
 from anomaly.plotting.style import CYCLE, DIVERGING_CMAP, PALETTE, SEQUENTIAL_CMAP, apply_style, save_figure
-
-
-_KIND = {"rope": "", "coca_strict": " (CoCA strict, effective angles)", "coca_slack": " (CoCA slack, effective angles)"}
 
 
 def chosen_heads(result: ProbeResult, count: int = 3) -> list[tuple[int, int]]:
@@ -42,7 +40,7 @@ def fraction_heatmap(result: ProbeResult) -> Figure:
     axes[0].set_ylabel("layer")
     cb = fig.colorbar(im, ax=axes, shrink=0.9)
     cb.set_label(f"fraction of causal triples in case (d) (chance = {chance})")
-    fig.suptitle(f"{result.model}{_KIND[result.kind]}: {result.tokens} tokens", fontsize=9)
+    fig.suptitle(f"{result.model}{variants.variant(result.kind).probe_title()}: {result.tokens} tokens", fontsize=9)
     return fig
 
 
