@@ -3,7 +3,8 @@
 ``python -m anomaly.figures [--out figures]`` regenerates all of them as PDF + PNG with a
 provenance record beside each. Results are plain dataclasses built from
 :mod:`anomaly.analytic`; the plotting functions in :mod:`anomaly.plotting.analytic` turn
-them into figures, so a notebook can inspect, change or re-plot any step.
+them into figures, so a notebook can inspect, change or re-plot any step. :data:`FIGURES`
+is the registry (the shape of :data:`anomaly.plotting.style.Registry`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from torch import Tensor
 from anomaly import analytic as an
 from anomaly.cli import ArgumentParser, UserError, run_main
 from anomaly.io import Provenance, code_version
+from anomaly.plotting import analytic as plots
+from anomaly.plotting.style import Registry, figure_files, save_figures
 from anomaly.rope import RopeScaling, inv_freq
 
 PI = math.pi
@@ -166,43 +169,35 @@ def decay_study(head_dim: int = 128, base: float = 1e4, max_distance: int = 4096
 # CLI
 # --------------------------------------------------------------------------------------
 
-FIGURES = ("fig3_cases", "fig3_map", "scaling_borders", "decay_bounds")
+FIGURES: Registry = {
+    "fig3_cases": lambda: plots.plot_fig3_cases(fig3_cases()),
+    "fig3_map": lambda: plots.plot_anomaly_map(anomaly_map()),
+    "scaling_borders": lambda: plots.plot_scaling(scaling_study()),
+    "decay_bounds": lambda: plots.plot_decay(decay_study()),
+}
+"""Figure name → its drawing from the default study (no inputs)."""
 OWNER = "anomaly.figures"
 """Owner of these figures in an output folder's manifest (see :mod:`anomaly.outputs`)."""
 
 
-def make_all(out: str | Path, only: Sequence[str] = FIGURES, command: str | None = None) -> list[Path]:
-    """Regenerate the analytic figures into the folder ``out``; returns the files written.
+def make_all(out: str | Path, only: Sequence[str] | None = None, command: str | None = None) -> list[Path]:
+    """Regenerate the analytic figures ``only`` (default: all of :data:`FIGURES`) into the
+    folder ``out``; returns the files written.
 
     Files in ``out`` other than these figures' are left alone; an existing file of the same
     name that this command did not write is refused (:func:`anomaly.outputs.claim`).
     """
     from anomaly.outputs import claim
-    from anomaly.plotting import analytic as plots
-    from anomaly.plotting.style import apply_style, save_figure
 
-    import matplotlib.pyplot as plt
-
+    only = list(FIGURES) if only is None else list(only)
     unknown = sorted(set(only) - set(FIGURES))
     if unknown:
         raise UserError(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
-    target = claim(out, OWNER, [f"{name}.{ext}" for name in only for ext in ("pdf", "png", "json")])
-    apply_style()
+    target = claim(out, OWNER, figure_files(only))
     code = code_version("anomaly.figures")  # the same record from the CLI, a test or a notebook
     prov = Provenance.from_argv(code=code) if command is None else Provenance(command=command, code=code)
-    builders = {
-        "fig3_cases": lambda: plots.plot_fig3_cases(fig3_cases()),
-        "fig3_map": lambda: plots.plot_anomaly_map(anomaly_map()),
-        "scaling_borders": lambda: plots.plot_scaling(scaling_study()),
-        "decay_bounds": lambda: plots.plot_decay(decay_study()),
-    }
     with target.writing() as tmp:
-        for name in only:
-            fig = builders[name]()
-            try:
-                save_figure(fig, tmp / name, prov)
-            finally:
-                plt.close(fig)
+        save_figures({name: FIGURES[name] for name in only}, tmp, prov)
     return list(target.written)
 
 
@@ -211,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = ArgumentParser(prog="python -m anomaly.figures", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="figures", help="output directory (default: figures)")
-    parser.add_argument("--only", nargs="+", choices=FIGURES, default=list(FIGURES), help="figures to make")
+    parser.add_argument("--only", nargs="+", choices=list(FIGURES), default=list(FIGURES), help="figures to make")
     args = parser.parse_args(argv)
     use_file_backend()
     # The record names the command in one form however it was typed (the default --out

@@ -11,8 +11,9 @@ import sys
 import torch
 
 from anomaly import analytic as an
-from anomaly.figures import FIGURES, anomaly_map, fig3_cases, main, make_all, scaling_study
+from anomaly.figures import FIGURES, anomaly_map, decay_study, fig3_cases, main, make_all, scaling_study
 from anomaly.io import FLOAT_DIGITS, REPO_ROOT, code_version, write_json
+from anomaly.plotting.style import figure_files
 
 PI = math.pi
 
@@ -68,16 +69,47 @@ def test_cli_bad_figure_name_exits_2(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "invalid choice" in r.stderr
 
 
-def test_all_figures_listed():
-    assert set(FIGURES) == {"fig3_cases", "fig3_map", "scaling_borders", "decay_bounds"}
+def test_registries_name_distinct_files():
+    """Analytic, probe and ablation figures are written side by side (figures/, with the
+    prefixes their commands use): no two registered figures may claim the same file, and
+    every entry of each registry is a drawing function."""
+    from anomaly.ablation import plots as ablation
+    from anomaly.probe import plots as probe
+
+    names = figure_files(FIGURES) + figure_files(probe.FIGURES, "probe_") + figure_files(ablation.FIGURES, "ablation_")
+    assert len(names) == len(set(names)) == 3 * (len(FIGURES) + len(probe.FIGURES) + len(ablation.FIGURES))
+    for registry in (FIGURES, probe.FIGURES, ablation.FIGURES):
+        assert registry and all(callable(draw) and name.isidentifier() for name, draw in registry.items())
+
+
+def test_drawing_leaves_global_style_alone_and_draws_into_a_given_axes():
+    """Figures are drawn and saved under the style context (anomaly.plotting.style.style):
+    the caller's rcParams are the same afterwards; a one-panel figure draws into ``ax``."""
+    import matplotlib.pyplot as plt
+    from anomaly.plotting import analytic as plots
+
+    before = dict(plt.rcParams)
+    fig = plots.plot_decay(decay_study(max_distance=64))
+    assert fig.axes[0].xaxis.label.get_fontsize() == 9  # the toolkit's style was applied
+    assert dict(plt.rcParams) == before
+    outer, (left, right) = plt.subplots(1, 2)
+    try:
+        assert plots.plot_decay(decay_study(max_distance=64), ax=right) is outer
+        assert len(right.lines) == 2 and not left.lines and len(outer.axes) == 2
+    finally:
+        plt.close(fig)
+        plt.close(outer)
 
 
 def test_regeneration_writes_the_same_bytes(tmp_path):
-    """Same inputs, same bytes: no dates, tool versions or machine paths in PDF, PNG or JSON."""
+    """Same inputs, same bytes: no dates, tool versions or machine paths in PDF, PNG or JSON.
+    Every registered figure is written, as PDF, PNG and provenance, and nothing else."""
     make_all(tmp_path / "a", command="test")
     make_all(tmp_path / "b", command="test")
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").iterdir())
-    assert len(files) == 3 * len(FIGURES) + 1  # and the output manifest
+    assert sorted(map(str, files)) == sorted([*figure_files(FIGURES), ".anomaly-outputs.json"])
+    for name in FIGURES:
+        assert json.loads((tmp_path / "a" / f"{name}.json").read_text())["command"] == "test"
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     pdf = (tmp_path / "a" / "fig3_cases.pdf").read_bytes()

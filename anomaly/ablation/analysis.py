@@ -1,7 +1,7 @@
 """Seed-level tables of an ablation run: a pure function of its ``results.json`` dict.
 
-``results.json`` stores per-seed values only (``*_per_seed``: ``[seed][length]`` per variant
-and scaling; criterion steps; training curves; anomalous fractions); every summary, interval
+``results.json`` stores per-seed values only (its schema, readers and checks:
+:mod:`anomaly.ablation.results`, whose names are re-exported here); every summary, interval
 and test is computed here, with the trained model (the seed) as the unit
 (:mod:`anomaly.ablation.seed_stats`, docs/ablation.md "Verdicts"):
 
@@ -24,7 +24,6 @@ and intervals are exponentiated back for display (a geometric mean over seeds).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,20 +33,11 @@ import numpy as np
 
 from anomaly import variants as registry
 from anomaly.ablation import seed_stats as st
+from anomaly.ablation.results import (  # noqa: F401  (re-exported: notebooks and tests read them here)
+    MATCHED_STAGE, READINGS, REQUIRED_KEYS, SNAPSHOTS, TABLE_SHAPES, TO_CRITERION, check_results, criterion_of,
+    criterion_reached, floats, grid_per_seed, load_results, mean_grid, panels_of, per_seed, scalings_of,
+    seeds_reached, snapshot_of, snapshot_reached, variants_of)
 from anomaly.cli import ArgumentParser, UserError, run_main
-
-TO_CRITERION = "to criterion"
-"""Panel name of the "to criterion" reading (the weights when validation first reached the
-criterion), beside the scalings' names."""
-MATCHED_STAGE = "matched stage"
-"""Panel name of the matched-stage reading (the weights ``train.matched_steps`` steps after the
-criterion step; docs/ablation.md, "The analysis run")."""
-SNAPSHOTS = {MATCHED_STAGE: "matched_stage", TO_CRITERION: "criterion"}
-"""Panels read from weights kept during training (no scaling), with their ``results.json`` key;
-only seeds that reached the snapshot have a row."""
-
-READINGS = ("ppl", "passkey", "digit_nll")
-"""Readings by length: perplexity (analysed on the log scale), exact passkey share, digit loss."""
 
 LABELS = {"ppl": "log-perplexity (nats/token)", "passkey": "exact passkey share", "digit_nll": "digit loss (nats)"}
 """What the differences of each reading are in."""
@@ -60,113 +50,6 @@ VARIANT_PAIRS = (("coca_slack", "rope"), ("coca_strict", "rope"), ("coca_strict"
 GUESSING = (math.log(9) + 4 * math.log(10)) / 5
 """Digit loss (nats per digit) of a model that knows a five-digit passkey comes but guesses
 its digits: the first is drawn from 1–9 (passkeys are 10000–99999), the other four from 0–9."""
-
-TABLE_SHAPES: dict[str, tuple[str, ...]] = {
-    "ppl": ("length",), "ppl_per_seed": ("seed", "length"),
-    "passkey": ("length",), "passkey_per_seed": ("seed", "length"),
-    "passkey_grid": ("length", "depth"),
-    "digit_nll": ("length",), "digit_nll_per_seed": ("seed", "length"),
-}
-"""Tables ``[variant][scaling]`` every run has, and the axes of each one's values."""
-
-REQUIRED_KEYS = ("train_length", "eval_lengths", "seeds", "depths", *TABLE_SHAPES)
-
-
-# ------------------------------------------------------------------------ the schema
-
-
-def variants_of(results: dict) -> list[str]:
-    """Variants in the order of ``results["variants"]`` (else of the ``ppl`` table)."""
-    return list(results.get("variants") or results["ppl"])
-
-
-def scalings_of(results: dict) -> list[str]:
-    """Scalings in the order of ``results["scalings"]`` (else of the first variant's table)."""
-    return list(results.get("scalings") or next(iter(results["ppl"].values())))
-
-
-def snapshot_of(results: dict, variant: str, panel: str = TO_CRITERION) -> dict:
-    """``results[key]["per_variant"][variant]`` for a panel of :data:`SNAPSHOTS` (``criterion``
-    or ``matched_stage``), or ``{}`` when the run has none."""
-    return ((results.get(SNAPSHOTS[panel]) or {}).get("per_variant") or {}).get(variant) or {}
-
-
-def criterion_of(results: dict, variant: str) -> dict:
-    """``results["criterion"]["per_variant"][variant]``, or ``{}`` when the run has none."""
-    return snapshot_of(results, variant, TO_CRITERION)
-
-
-def snapshot_reached(results: dict, panel: str = TO_CRITERION) -> bool:
-    """Whether any seed of any variant reached the snapshot ``panel``."""
-    return any(snapshot_of(results, v, panel).get("seeds_reached") for v in variants_of(results))
-
-
-def criterion_reached(results: dict) -> bool:
-    """Whether any seed of any variant reached the validation criterion."""
-    return snapshot_reached(results, TO_CRITERION)
-
-
-def panels_of(results: dict) -> list[str]:
-    """The readings side by side: every scaling, then each of :data:`SNAPSHOTS` that some
-    seed reached (matched stage, then to criterion)."""
-    return scalings_of(results) + [p for p in SNAPSHOTS if snapshot_reached(results, p)]
-
-
-def seeds_reached(results: dict, variant: str, panel: str = TO_CRITERION) -> list[int]:
-    """Seed ids of ``variant`` that reached the snapshot ``panel``, in the run's seed order
-    (the rows of its ``*_per_seed`` tables there)."""
-    steps = snapshot_of(results, variant, panel).get("steps") or [None] * len(results["seeds"])
-    return [s for s, step in zip(results["seeds"], steps) if step is not None]
-
-
-def _values(seq: Any) -> np.ndarray:
-    """Floats, nested lists allowed, with ``None`` (non-finite in JSON) as NaN."""
-    return np.asarray(seq, dtype=float)  # numpy reads None as NaN
-
-
-def _log(x: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.log(x)
-
-
-def per_seed(results: dict, key: str, variant: str, panel: str) -> dict[int, np.ndarray] | None:
-    """Seed id → ``[length]`` values of ``key`` (``ppl``: log-perplexity) for ``variant``
-    in ``panel``; ``None`` where there are none (no seed reached the criterion)."""
-    if panel in SNAPSHOTS:
-        entry = snapshot_of(results, variant, panel)
-        seeds, rows = seeds_reached(results, variant, panel), entry.get(f"{key}_per_seed")
-    else:
-        seeds, rows = results["seeds"], ((results.get(f"{key}_per_seed") or {}).get(variant) or {}).get(panel)
-    if not seeds or rows is None:
-        return None
-    table = _values(rows)  # [seed, length]
-    if key == "ppl":
-        table = _log(table)
-    return {s: row for s, row in zip(seeds, table)}
-
-
-def grid_per_seed(results: dict, variant: str, panel: str) -> dict[int, np.ndarray] | None:
-    """Seed id → ``[length, depth]`` passkey shares, where the run recorded them
-    (``passkey_grid_per_seed``; runs before it kept only the mean over seeds)."""
-    if panel in SNAPSHOTS:
-        seeds = seeds_reached(results, variant, panel)
-        rows = snapshot_of(results, variant, panel).get("passkey_grid_per_seed")
-    else:
-        seeds = results["seeds"]
-        rows = ((results.get("passkey_grid_per_seed") or {}).get(variant) or {}).get(panel)
-    if rows is None:
-        return None
-    return {s: _values(g) for s, g in zip(seeds, rows)}
-
-
-def mean_grid(results: dict, variant: str, panel: str) -> np.ndarray | None:
-    """``[length, depth]`` passkey share, mean over seeds (``None`` where no seed reached the
-    criterion)."""
-    if panel in SNAPSHOTS:
-        grid = snapshot_of(results, variant, panel).get("passkey_grid")
-    else:
-        grid = results["passkey_grid"][variant][panel]
-    return None if grid is None else _values(grid)
 
 
 # --------------------------------------------------------------------------- series
@@ -202,6 +85,14 @@ def series(results: dict, key: str, variant: str, panel: str) -> Series | None:
     if key == "ppl":
         table, mean, low, high = np.exp(table), np.exp(mean), np.exp(low), np.exp(high)
     return Series(key, variant, panel, tuple(seeds), table, mean, low, high)
+
+
+def mean_curve(curves: list[dict], key: str) -> tuple[list, np.ndarray]:
+    """Steps logged by every one of ``curves`` (training curves of a variant's seeds, from
+    ``results["training"]``) and the mean of ``key`` over them there."""
+    common = sorted(set.intersection(*(set(c["step"]) for c in curves)))
+    by_step = [dict(zip(c["step"], floats(c[key]))) for c in curves]
+    return common, np.array([np.mean([b[s] for b in by_step]) for s in common])
 
 
 # ------------------------------------------------------------------------ contrasts
@@ -358,7 +249,7 @@ def design_effects(results: dict, panel: str = "none") -> list[Decomposition]:
                 out.append(Decomposition("passkey", v, panel, n, st.design_effect(st.binary_items(counts, m))))
         segments = ((results.get("segment_nll_per_seed") or {}).get(v) or {}).get(panel)
         if segments is not None and len(segments) > 1:
-            seg = _values(segments)  # [seed, length, segment]
+            seg = floats(segments)  # [seed, length, segment]
             for i, n in enumerate(results["eval_lengths"]):
                 out.append(Decomposition("ppl", v, panel, n, st.design_effect(seg[:, i])))
     return out
@@ -543,67 +434,6 @@ def report(results: dict) -> str:
                        f"(share {', '.join(f'{x:.3f}' for x in r.x)}; values {', '.join(f'{y:.3f}' for y in r.y)}), "
                        f"one-sided exact p = {r.p:.2g} ({r.alternative})")
     return "\n".join(out) + "\n"
-
-
-# ---------------------------------------------------------------- loading, checking
-
-
-def _check_shape(values: Any, expected: tuple[int, ...], axes: Sequence[str], where: str) -> None:
-    try:
-        shape = _values(values).shape
-    except (TypeError, ValueError):
-        raise UserError(f"{where} is not a table of numbers; is it an ablation results.json?") from None
-    if shape != expected:
-        raise UserError(f"{where} has shape {list(shape)} where [{', '.join(axes)}] = {list(expected)} "
-                        "was expected; is the file complete?")
-
-
-def check_results(results: Any, source: str = "results") -> dict:
-    """``results`` if it has the keys and shapes the tables and figures need; a
-    :class:`UserError` otherwise."""
-    if not isinstance(results, dict):
-        raise UserError(f"{source} is not an ablation results object (a JSON object is expected)")
-    if "ppl" in results and "ppl_per_seed" not in results:
-        raise UserError(f"{source} is a results.json of the earlier one-seed ablation, without the per-seed values "
-                        "the seed-level tables need; run python -m anomaly.ablation again for a current one")
-    missing = [k for k in REQUIRED_KEYS if k not in results]
-    if missing:
-        raise UserError(f"{source} lacks {', '.join(missing)}; is it an ablation results.json?")
-    try:
-        dims = {"length": len(results["eval_lengths"]), "seed": len(results["seeds"]),
-                "depth": len(results["depths"])}
-        int(results["train_length"])
-        for key, axes in TABLE_SHAPES.items():
-            expected = tuple(dims[a] for a in axes)
-            for v in variants_of(results):
-                for s in scalings_of(results):
-                    _check_shape(results[key][v][s], expected, axes, f"{source}: {key}[{v}][{s}]")
-        for v in variants_of(results):
-            for panel, name in SNAPSHOTS.items():
-                entry = snapshot_of(results, v, panel)
-                for key, axes in TABLE_SHAPES.items():
-                    if entry.get("seeds_reached") and key in entry:
-                        expected = tuple(entry["seeds_reached"] if a == "seed" else dims[a] for a in axes)
-                        _check_shape(entry[key], expected, axes, f"{source}: {name} {key}[{v}]")
-    except (AttributeError, TypeError, ValueError, KeyError, StopIteration) as exc:
-        what = f" ({exc.args[0]!r} missing)" if isinstance(exc, KeyError) else ""
-        raise UserError(f"{source}: the tables must map variant -> scaling -> values for every variant and "
-                        f"scaling{what}; is it an ablation results.json?") from None
-    return results
-
-
-def load_results(path: str | Path) -> dict:
-    """Load ``path`` (a ``results.json`` or a run directory holding one), checked."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "results.json"
-    if not path.is_file():
-        raise UserError(f"no results file at {path}; give a results.json or an ablation --out directory")
-    try:
-        results = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})") from None
-    return check_results(results, str(path))
 
 
 # ------------------------------------------------------------------------------ CLI

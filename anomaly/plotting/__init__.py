@@ -1,5 +1,5 @@
 """Figure style and saving. A plot is a function from a result object to a Figure."""
 
-from anomaly.plotting.style import PALETTE, apply_style, save_figure
+from anomaly.plotting.style import PALETTE, Registry, apply_style, save_figure, save_figures, style, styled
 
-__all__ = ["PALETTE", "apply_style", "save_figure"]
+__all__ = ["PALETTE", "Registry", "apply_style", "save_figure", "save_figures", "style", "styled"]

@@ -1,4 +1,5 @@
-"""Plots of the analytic results in :mod:`anomaly.figures`: each takes a result, returns a Figure."""
+"""Plots of the analytic results in :mod:`anomaly.figures`: each takes a result, returns a Figure
+(drawn under :func:`anomaly.plotting.style.style`); a one-panel plot draws into ``ax`` when given."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch
 
-from anomaly.plotting.style import CYCLE, DIVERGING_CMAP, PALETTE
+from anomaly.plotting.style import CYCLE, DIVERGING_CMAP, PALETTE, axes_or_new, styled
 
 PI = math.pi
 CASE_TITLES = {
@@ -47,6 +48,7 @@ def _draw_slices(ax, theta0: float, causal: bool, anomalous: bool) -> None:
     ax.axis("off")
 
 
+@styled
 def plot_fig3_cases(cases) -> Figure:
     """Fig. 3: for each case, the slice picture (top) and score versus distance (bottom)."""
     fig, axes = plt.subplots(2, 4, figsize=(10, 4.6), gridspec_kw={"height_ratios": [1, 1.1]})
@@ -73,9 +75,10 @@ def plot_fig3_cases(cases) -> Figure:
     return fig
 
 
-def plot_anomaly_map(result) -> Figure:
+@styled
+def plot_anomaly_map(result, ax: plt.Axes | None = None) -> Figure:
     """Slice score over (Θ, distance) with the abnormal area (|s| < τ) hatched."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax, created = axes_or_new(ax, (6.4, 4.2))
     s, th = result.distances.numpy(), result.theta0.numpy() / PI
     mesh = ax.pcolormesh(s, th, result.scores.numpy(), cmap=DIVERGING_CMAP, vmin=-1, vmax=1, shading="nearest",
                          rasterized=True)
@@ -93,10 +96,12 @@ def plot_anomaly_map(result) -> Figure:
     ax.legend(loc="lower left", fontsize=7)
     fig.colorbar(mesh, ax=ax, label="slice score (unit magnitudes)")
     ax.grid(False)
-    fig.tight_layout()
+    if created:
+        fig.tight_layout()
     return fig
 
 
+@styled
 def plot_scaling(study) -> Figure:
     """τ per slice under each scaling, and its growth against the paper's claims."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -123,9 +128,10 @@ def plot_scaling(study) -> Figure:
     return fig
 
 
-def plot_decay(study) -> Figure:
+@styled
+def plot_decay(study, ax: plt.Axes | None = None) -> Figure:
     """Su's and CoCA's content-free decay terms against distance."""
-    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    fig, ax, created = axes_or_new(ax, (5.2, 3.4))
     s = study.distances.numpy()
     ax.semilogx(s, study.su.numpy(), label="RoPE (Su): (2/d) Σ|S_{j+1}|")
     ax.semilogx(s, study.coca.numpy(), label="CoCA: (2/d) Σ|C_{j+1}|")
@@ -133,5 +139,6 @@ def plot_decay(study) -> Figure:
     ax.set_ylabel("relative upper bound (unitless)")
     ax.set_title(f"Long-term decay bounds (d = {study.head_dim}, base {study.base:g})")
     ax.legend()
-    fig.tight_layout()
+    if created:
+        fig.tight_layout()
     return fig

@@ -9,12 +9,15 @@ inline; commands that only write files call :func:`use_file_backend` in their ``
 
 from __future__ import annotations
 
+import functools
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import matplotlib
 import matplotlib.pyplot as plt
+from cycler import cycler
 from matplotlib.figure import Figure
 
 from anomaly.io import Provenance, atomic_path, write_json
@@ -53,6 +56,7 @@ _RC: dict[str, Any] = {
     "grid.alpha": 0.25,
     "lines.linewidth": 1.4,
     "image.cmap": SEQUENTIAL_CMAP,
+    "axes.prop_cycle": cycler(color=CYCLE),
 }
 
 
@@ -74,26 +78,95 @@ def use_file_backend() -> None:
         matplotlib.use("Agg")
 
 
-def apply_style() -> None:
-    """Set the toolkit's matplotlib defaults (idempotent)."""
-    from cycler import cycler
+@contextmanager
+def style() -> Iterator[None]:
+    """The toolkit's matplotlib defaults inside the block, the caller's again after it.
 
+    Every figure function draws under it (:func:`styled`) and :func:`save_figure` saves
+    under it (the saved resolution, tight box and embedded fonts are settings read at
+    saving), so a figure looks the same from a command, a test or a notebook, and nobody's
+    global settings are changed.
+    """
+    with matplotlib.rc_context(_RC):
+        yield
+
+
+F = TypeVar("F", bound=Callable[..., Figure])
+
+
+def styled(draw: F) -> F:
+    """Decorator: ``draw`` runs under :func:`style`."""
+
+    @functools.wraps(draw)
+    def wrapper(*args: Any, **kwargs: Any) -> Figure:
+        with style():
+            return draw(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def axes_or_new(ax: plt.Axes | None, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, plt.Axes, bool]:
+    """``(figure, axes, created)``: ``ax`` and its figure, or a new figure of ``figsize``
+    with one axes (``kwargs`` go to :func:`matplotlib.pyplot.subplots`). A function that
+    draws one panel takes ``ax=None`` (seaborn's convention) and lays out only a figure it
+    ``created``."""
+    if ax is not None:
+        return ax.figure, ax, False
+    fig, ax = plt.subplots(figsize=figsize, **kwargs)
+    return fig, ax, True
+
+
+def apply_style() -> None:
+    """Set the toolkit's defaults for the rest of an interactive session (a notebook's own
+    ad-hoc figures). The toolkit's code never calls it: it draws and saves under
+    :func:`style`, which changes nothing outside its block."""
     plt.rcParams.update(_RC)
-    plt.rcParams["axes.prop_cycle"] = cycler(color=CYCLE)
 
 
 def save_figure(fig: Figure, stem: str | Path, provenance: Provenance) -> list[Path]:
-    """Save ``fig`` as ``stem.pdf`` and ``stem.png`` plus ``stem.json`` provenance, atomically.
+    """Save ``fig`` as ``stem.pdf`` and ``stem.png`` plus ``stem.json`` provenance, atomically,
+    under :func:`style`.
 
     Returns the three paths written.
     """
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     out = []
-    for ext in ("pdf", "png"):
-        path = stem.with_suffix(f".{ext}")
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=ext, metadata=_METADATA[ext])
-        out.append(path)
+    with style():
+        for ext in ("pdf", "png"):
+            path = stem.with_suffix(f".{ext}")
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format=ext, metadata=_METADATA[ext])
+            out.append(path)
     out.append(write_json(stem.with_suffix(".json"), provenance))
     return out
+
+
+Registry = Mapping[str, Callable[..., Figure]]
+"""The one shape of a figure registry: figure name → the function that draws it from the
+inputs every figure of the registry shares (none for the analytic figures, a
+:class:`~anomaly.probe.result.ProbeResult`, an ablation's results dict). The name is the
+file name after a prefix: ``<out>/<prefix><name>.{pdf,png,json}``."""
+
+FORMATS = ("pdf", "png", "json")
+"""The files of one figure: vector, 200-dpi raster, provenance."""
+
+
+def figure_files(figures: Registry | Sequence[str], prefix: str = "") -> list[str]:
+    """The file names :func:`save_figures` writes for ``figures``."""
+    return [f"{prefix}{name}.{ext}" for name in figures for ext in FORMATS]
+
+
+def save_figures(figures: Registry, out_dir: str | Path, provenance: Provenance, *inputs: Any,
+                 prefix: str = "") -> list[Path]:
+    """Draw every figure of ``figures`` from ``inputs`` and save it as
+    ``out_dir/<prefix><name>.{pdf,png,json}`` (:func:`save_figure`), closing each figure
+    whatever happens; returns the paths written."""
+    paths: list[Path] = []
+    for name, draw in figures.items():
+        fig = draw(*inputs)
+        try:
+            paths += save_figure(fig, Path(out_dir) / f"{prefix}{name}", provenance)
+        finally:
+            plt.close(fig)
+    return paths

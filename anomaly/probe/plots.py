@@ -1,5 +1,7 @@
 """Figures of a probe result. Each function maps a :class:`anomaly.probe.ProbeResult` to a
-Figure; saving is :func:`anomaly.plotting.style.save_figure`'s job (:func:`save_all`)."""
+Figure, drawn under :func:`anomaly.plotting.style.style` (a one-panel figure draws into ``ax``
+when given); :data:`FIGURES` is the registry and saving is
+:func:`anomaly.plotting.style.save_figures`' job (:func:`save_all`)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from matplotlib.figure import Figure
 from anomaly import variants
 from anomaly.io import Provenance
 from anomaly.probe.result import ProbeResult
-from anomaly.plotting.style import CYCLE, DIVERGING_CMAP, PALETTE, SEQUENTIAL_CMAP, apply_style, save_figure
+from anomaly.plotting.style import (CYCLE, DIVERGING_CMAP, PALETTE, SEQUENTIAL_CMAP, Registry, axes_or_new, save_figures,
+                                    styled)
 
 
 def chosen_heads(result: ProbeResult, count: int = 3) -> list[tuple[int, int]]:
@@ -24,9 +27,9 @@ def chosen_heads(result: ProbeResult, count: int = 3) -> list[tuple[int, int]]:
     return [tuple(int(i) for i in np.unravel_index(p, w.shape)) for p in picks]
 
 
+@styled
 def fraction_heatmap(result: ProbeResult) -> Figure:
     """Anomalous fraction (unweighted, weighted) over layers × heads, centred on chance."""
-    apply_style()
     fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.4), sharey=True, constrained_layout=True)
     chance = result.chance_fraction
     data = [result.anomalous_fraction, result.weighted_anomalous_fraction]
@@ -44,9 +47,9 @@ def fraction_heatmap(result: ProbeResult) -> Figure:
     return fig
 
 
+@styled
 def angle_histograms(result: ProbeResult, heads: list[tuple[int, int]] | None = None) -> Figure:
     """Θ density per slice (rows) for chosen heads; case (d) lies right of the line at π."""
-    apply_style()
     heads = heads or chosen_heads(result)
     hist = result.theta_hist.astype(float)  # [L, H, J, B]
     bins = hist.shape[-1]
@@ -70,13 +73,13 @@ def angle_histograms(result: ProbeResult, heads: list[tuple[int, int]] | None = 
     return fig
 
 
-def tau_distribution(result: ProbeResult) -> Figure:
+@styled
+def tau_distribution(result: ProbeResult, ax: plt.Axes | None = None) -> Figure:
     """τ (at each head's mean angle) per slice over all heads, with the probed length and
     the critical slice of Liu et al."""
-    apply_style()
     tau = result.tau  # [L, H, J]
     L, H, J = tau.shape
-    fig, ax = plt.subplots(figsize=(5.0, 3.2), constrained_layout=True)
+    fig, ax, _ = axes_or_new(ax, (5.0, 3.2), constrained_layout=True)
     jj = np.broadcast_to(np.arange(J), tau.shape)
     pos = tau > 0
     jitter = (np.random.default_rng(0).random(tau.shape) - 0.5) * 0.6
@@ -93,14 +96,14 @@ def tau_distribution(result: ProbeResult) -> Figure:
     return fig
 
 
-def logit_curves(result: ProbeResult, heads: list[tuple[int, int]] | None = None) -> Figure:
+@styled
+def logit_curves(result: ProbeResult, heads: list[tuple[int, int]] | None = None, ax: plt.Axes | None = None) -> Figure:
     """Mean real attention logit versus distance for chosen heads."""
-    apply_style()
     heads = heads or chosen_heads(result)
     ml = result.mean_logit  # [L, H, T]
     t = ml.shape[-1]
     s = np.arange(1, t)
-    fig, ax = plt.subplots(figsize=(5.0, 3.2), constrained_layout=True)
+    fig, ax, _ = axes_or_new(ax, (5.0, 3.2), constrained_layout=True)
     for (l, h), c in zip(heads, CYCLE):
         peak = int(result.logit_peak_distance[l, h])
         ax.plot(s, ml[l, h, 1:], color=c, label=f"layer {l}, head {h} (peak at {peak})")
@@ -115,9 +118,9 @@ def logit_curves(result: ProbeResult, heads: list[tuple[int, int]] | None = None
     return fig
 
 
+@styled
 def slice_norms(result: ProbeResult) -> Figure:
     """Mean |q_j| and |k_j| per slice, heads of all layers stacked (Barbero et al.'s view)."""
-    apply_style()
     qn = result.q_norm  # [L, H, J]
     kn = result.k_norm  # [L, KV, J]
     fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.4), constrained_layout=True)
@@ -132,20 +135,16 @@ def slice_norms(result: ProbeResult) -> Figure:
     return fig
 
 
-FIGURES = {
+FIGURES: Registry = {
     "fraction_heatmap": fraction_heatmap,
     "angle_histograms": angle_histograms,
     "tau_distribution": tau_distribution,
     "logit_vs_distance": logit_curves,
     "slice_norms": slice_norms,
 }
+"""Figure name → its drawing from a :class:`ProbeResult`."""
 
 
 def save_all(result: ProbeResult, out_dir: str | Path, provenance: Provenance, prefix: str = "probe_") -> list[Path]:
     """Write every probe figure as ``out_dir/<prefix><name>.{pdf,png,json}``."""
-    paths = []
-    for name, make in FIGURES.items():
-        fig = make(result)
-        paths += save_figure(fig, Path(out_dir) / f"{prefix}{name}", provenance)
-        plt.close(fig)
-    return paths
+    return save_figures(FIGURES, out_dir, provenance, result, prefix=prefix)
