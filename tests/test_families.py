@@ -173,12 +173,12 @@ def test_capture_refuses_norm_after_rotation(monkeypatch):
 
 
 def test_untampered_capture_restores_attention():
-    from anomaly.probe import activations
+    from anomaly.probe import routing
 
     model = families.tiny_model("llama")
     cap = capture(model, torch.arange(3, 19))
     assert len(cap.layers) == 2 and not cap.skipped
-    assert model.config._attn_implementation == "eager" and not activations._WATCHED
+    assert model.config._attn_implementation == "eager" and not routing.watching()
 
 
 @pytest.mark.parametrize("model_type, category", [
