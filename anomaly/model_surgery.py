@@ -67,7 +67,7 @@ _SIN_COS_HALF_WIDTH = {"GPTJAttention", "CodeGenAttention"}
 ROTATES_INSIDE = frozenset(_SIN_COS_HALF_WIDTH | {"FalconAttention", "GPTNeoXJapaneseAttention"})
 """Attention classes that compute their scores themselves instead of calling transformers'
 attention interface, so the capture cannot watch the q/k they score with; their capture is
-proven by the rebuild tests (tests/test_probe.py, tests/test_families.py)."""
+proven by the rebuild tests (tests/test_probe_capture.py, tests/test_families.py)."""
 
 ROTARY_FIELDS = ("rope_parameters", "rope_theta", "rotary_pct", "rotary_dim", "partial_rotary_factor", "rotary_emb_base")
 """Config fields that declare a rotary position embedding."""

@@ -112,6 +112,7 @@ def _ids(tokens: int, device: str) -> torch.Tensor:
     return torch.randint(0, 256, (tokens,), generator=torch.Generator().manual_seed(0)).to(device)
 
 
+@pytest.mark.slow  # ~30-40 s on a busy 2-core CPU: profiles two probes of an 8-layer model
 @pytest.mark.parametrize("device", DEVICES)
 def test_probe_memory_above_forward_does_not_grow_with_layers(device):
     tokens, shallow, deep = 512, 2, 8
