@@ -8,11 +8,12 @@ import math
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from anomaly import analytic as an
 from anomaly.figures import FIGURES, anomaly_map, decay_study, fig3_cases, main, make_all, scaling_study
-from anomaly.io import FLOAT_DIGITS, REPO_ROOT, code_version, write_json
+from anomaly.io import FLOAT_DIGITS, REPO_ROOT, Provenance, code_version, write_json
 from anomaly.plotting.style import figure_files
 
 PI = math.pi
@@ -82,16 +83,48 @@ def test_registries_name_distinct_files():
         assert registry and all(callable(draw) and name.isidentifier() for name, draw in registry.items())
 
 
+def test_save_figures_closes_every_figure_even_when_saving_fails(tmp_path, monkeypatch):
+    """The one saving loop (analytic, probe and ablation figures) leaves no figure open: a
+    failed save still closes the figure it drew (a long run draws hundreds)."""
+    import matplotlib.pyplot as plt
+    from anomaly.plotting import style
+
+    plt.close("all")
+    registry = {"a": lambda x: plt.subplots()[0], "b": lambda x: plt.subplots()[0]}
+    assert [p.name for p in style.save_figures(registry, tmp_path, Provenance(command="test"), 1, prefix="t_")] == \
+        figure_files(registry, "t_")
+    assert not plt.get_fignums()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(style, "save_figure", fail)
+    with pytest.raises(OSError, match="disk full"):
+        style.save_figures(registry, tmp_path, Provenance(command="test"), 1)
+    assert not plt.get_fignums()
+
+
 def test_drawing_leaves_global_style_alone_and_draws_into_a_given_axes():
     """Figures are drawn and saved under the style context (anomaly.plotting.style.style):
     the caller's rcParams are the same afterwards; a one-panel figure draws into ``ax``."""
     import matplotlib.pyplot as plt
     from anomaly.plotting import analytic as plots
+    from anomaly.plotting.style import style
 
     before = dict(plt.rcParams)
     fig = plots.plot_decay(decay_study(max_distance=64))
     assert fig.axes[0].xaxis.label.get_fontsize() == 9  # the toolkit's style was applied
     assert dict(plt.rcParams) == before
+    # A setting the block did not bring stays as it was set inside: IPython switches
+    # interactive mode on when a notebook's first figure resolves the inline backend, and
+    # undoing that would hide every later figure of the notebook.
+    interactive = plt.rcParams["interactive"]
+    try:
+        with style():
+            plt.rcParams["interactive"] = not interactive
+        assert plt.rcParams["interactive"] is (not interactive)
+    finally:
+        plt.rcParams["interactive"] = interactive
     outer, (left, right) = plt.subplots(1, 2)
     try:
         assert plots.plot_decay(decay_study(max_distance=64), ax=right) is outer

@@ -86,9 +86,18 @@ def style() -> Iterator[None]:
     under it (the saved resolution, tight box and embedded fonts are settings read at
     saving), so a figure looks the same from a command, a test or a notebook, and nobody's
     global settings are changed.
+
+    Only the toolkit's own settings are put back afterwards, not every rcParam as
+    :func:`matplotlib.rc_context` would: a notebook's first figure resolves the inline
+    backend inside the block, and IPython then switches interactive mode on; putting that
+    back would stop every later figure from being shown.
     """
-    with matplotlib.rc_context(_RC):
+    caller = {key: plt.rcParams[key] for key in _RC}
+    plt.rcParams.update(_RC)
+    try:
         yield
+    finally:
+        plt.rcParams.update(caller)
 
 
 F = TypeVar("F", bound=Callable[..., Figure])

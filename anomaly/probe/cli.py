@@ -118,11 +118,12 @@ def _gib(nbytes: float) -> str:
 
 def _claim_out(args: argparse.Namespace) -> OutputDir:
     """The output folder, checked before any work: the probe writes only these names."""
+    from anomaly.plotting.style import figure_files
     from anomaly.probe.plots import FIGURES
 
     names = ["summary.json", "arrays.npz"]
     if not args.no_figures:
-        names += [f"probe_{fig}.{ext}" for fig in FIGURES for ext in ("pdf", "png", "json")]
+        names += figure_files(FIGURES, "probe_")
     # replace_own: a rerun with --no-figures must not leave the previous run's figures
     # beside a new summary.
     return claim(args.out or _default_out(args.model), OWNER, names, replace_own=True)
