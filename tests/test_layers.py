@@ -36,7 +36,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("maths: rope", ("anomaly.rope",)),
     ("plumbing", (
         "anomaly", "anomaly.errors", "anomaly.cli", "anomaly.io", "anomaly.outputs", "anomaly.sameness",
-        "anomaly.plotting", "anomaly.corpus",
+        "anomaly.plotting", "anomaly.corpus", "anomaly.replication",
     )),
 )
 """The layer table. A name covers the module and, for a package, everything in it; the

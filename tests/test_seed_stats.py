@@ -1,4 +1,4 @@
-"""The seed-level statistics core (anomaly.ablation.seed_stats) and the analysis layer
+"""The seed-level statistics core (anomaly.replication) and the analysis layer
 (anomaly.ablation.analysis) against hand-computed and brute-force cases, and against the
 committed 3-seed run's per-seed arrays."""
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from anomaly.ablation import analysis
-from anomaly.ablation import seed_stats as st
+from anomaly import replication as st
 
 COMMITTED = Path(__file__).resolve().parent.parent / "results" / "ablation_cpu.json"
 

@@ -3,7 +3,7 @@
 ``results.json`` stores per-seed values only (its schema, readers and checks:
 :mod:`anomaly.ablation.results`, whose names are re-exported here); every summary, interval
 and test is computed here, with the trained model (the seed) as the unit
-(:mod:`anomaly.ablation.seed_stats`, docs/ablation.md "Verdicts"):
+(:mod:`anomaly.replication`, docs/ablation.md "Verdicts"):
 
 * :func:`series`: per reading, variant and panel (a scaling, or a snapshot of
   :data:`SNAPSHOTS`: the matched stage, to criterion), each
@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from anomaly import variants as registry
-from anomaly.ablation import seed_stats as st
+from anomaly import replication as st
 from anomaly.ablation.results import (  # noqa: F401  (re-exported: notebooks and tests read them here)
     MATCHED_STAGE, READINGS, REQUIRED_KEYS, SNAPSHOTS, TABLE_SHAPES, TO_CRITERION, check_results, criterion_of,
     criterion_reached, floats, grid_per_seed, load_results, mean_grid, panels_of, per_seed, scalings_of,
@@ -337,7 +337,7 @@ def markdown_table(results: dict, key: str = "ppl", panels: Sequence[str] | None
 
 def contrast_line(c: Contrast, expected: int | None = None, digits: int = 2) -> str:
     """``"slack − RoPE, none, 256: +0.43 [−0.63, 1.49], seeds +0.87 · +0.42 · +0.01, sign-flip p = 0.25"``,
-    with the verdict of :func:`seed_stats.verdict` when ``expected`` is given."""
+    with the verdict of :func:`anomaly.replication.verdict` when ``expected`` is given."""
     p = c.stat
     diffs = " · ".join(f"{d:+.{digits}f}" for d in p.differences)
     interval = f"[{_number(p.low, digits)}, {_number(p.high, digits)}]" if p.n > 1 else "(one seed)"

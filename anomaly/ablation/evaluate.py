@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from anomaly.ablation.config import AblationConfig
-from anomaly.ablation.seed_stats import ppl_of
+from anomaly.replication import ppl_of
 from anomaly.ablation.passkey import PasskeyPrompt, PasskeyTask
 from anomaly.ablation.train import rope_parameters
 

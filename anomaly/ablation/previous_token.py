@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from anomaly import variants
-from anomaly.ablation.seed_stats import proportion
+from anomaly.replication import proportion
 
 
 @dataclass(frozen=True)

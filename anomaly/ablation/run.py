@@ -52,7 +52,7 @@ from anomaly.ablation.lock import lock_owner, locked
 from anomaly.ablation.evaluate import evaluate_scaling, passkey_scores, set_scaling, validation_prompts
 from anomaly.ablation.geometry import anomalous_fractions, coefficient_sparsity, slack_spread
 from anomaly.ablation.retrieval import retrieval_attention
-from anomaly.ablation.seed_stats import ppl_of
+from anomaly.replication import ppl_of
 from anomaly.ablation.train import (
     CHECKPOINT, CRITERION, MATCHED, TrainState, build_model, load_checkpoint, matched_step, seed_dir, train,
 )

@@ -1,14 +1,17 @@
-"""Statistics of the ablation with the trained model (the seed) as the unit (scipy.stats).
+"""Statistics with the independent replication as the unit (scipy.stats).
 
-Why the seed: every seed is evaluated on the *same* prompts and text segments, and within a
+A replication is whatever the experiment re-draws independently: a trained model's seed in
+the ablation (its initial weights and batches), a text in the probe's atlas (the same
+models score it). Items scored by the same replication are not replications. In the
+ablation every seed is evaluated on the *same* prompts and text segments, and within a
 (length, depth) cell the prompts differ only in their five digits, so the prompts of one
-model are far from independent draws; what varies between replications of the experiment is
-the model, i.e. its initial weights and its batches (both set by the seed). Pooling the
-(seed, prompt) units treats 600 prompts as 600 replications where the design has as many
-as it has seeds; :func:`design_effect` measures by how much (between- and within-seed
-variance, the intraclass correlation and the effective sample size).
+model are far from independent draws. Pooling the (seed, prompt) units treats 600 prompts
+as 600 replications where the design has as many as it has seeds; :func:`design_effect`
+measures by how much (between- and within-seed variance, the intraclass correlation and the
+effective sample size).
 
-So every interval and test here takes one number per seed:
+The functions say *seed* for the unit, the ablation's word; the atlas passes texts. Every
+interval and test here takes one number per unit:
 
 * :func:`seed_mean`: mean over seeds with its Student-t 95 % interval.
 * :func:`paired`: two variants compared seed by seed (same seed = same initial weights and
