@@ -29,10 +29,9 @@ SEED_NUDGE = 2 ** 0.03
 """Sideways shift (a factor in log2 x) of the per-seed points from their mean's."""
 
 
-def variant_style(variant: str, index: int = 0) -> dict[str, Any]:
+def variant_style(variant: str) -> dict[str, Any]:
     """Label, short label, colour and marker of ``variant``, the same in every figure: its entry in
-    :data:`anomaly.variants.REGISTRY` (``index``, its place in the figure, is not needed: every
-    variant has its own style). An unregistered variant is a :class:`UserError`."""
+    :data:`anomaly.variants.REGISTRY`. An unregistered variant is a :class:`UserError`."""
     v = registry.variant(variant)
     return {"label": v.label, "short": v.short, "color": PALETTE[v.colour], "marker": v.marker}
 
@@ -58,8 +57,8 @@ def panel_title(results: dict, panel: str) -> str:
     if panel not in SNAPSHOTS:
         return scaling_label(panel)
     threshold = (results.get("criterion") or {}).get("threshold")
-    counts = ", ".join(f"{variant_style(v, i)['short']} {seeds_reached_label(results, v, panel)}"
-                       for i, v in enumerate(variants_of(results)))
+    counts = ", ".join(f"{variant_style(v)['short']} {seeds_reached_label(results, v, panel)}"
+                       for v in variants_of(results))
     name = panel_name(results, panel)
     return (f"{name} (no scaling)\nseeds reaching {threshold:g} at validation:\n{counts}"
             if threshold is not None and panel == TO_CRITERION else f"{name} (no scaling)\nseeds: {counts}")
@@ -188,7 +187,7 @@ def vs_length(results: dict, key: str, scale: float = 1.0,
         for i, v in enumerate(variants):
             r = series(results, key, v, panel)
             if r is not None:
-                pinned |= draw_series(ax, nudged(lengths, i, len(variants)), r, variant_style(v, i),
+                pinned |= draw_series(ax, nudged(lengths, i, len(variants)), r, variant_style(v),
                                 f"{v}/{panel}", scale, ceiling)
         length_axis(ax, lengths, T)
         ax.set_title(panel_title(results, panel))

@@ -128,9 +128,9 @@ def passkey_heatmap(results: dict) -> Figure:
     image = None
     recorded = True
     for row, panel in zip(axes, rows):
-        for i, (ax, v) in enumerate(zip(row, variants)):
+        for ax, v in zip(row, variants):
             ax.grid(False)
-            st = variant_style(v, i)
+            st = variant_style(v)
             grid = mean_grid(results, v, panel)  # [length, depth]
             seeds = grid_per_seed(results, v, panel)
             recorded &= seeds is not None or grid is None
@@ -217,8 +217,8 @@ def training_curves(results: dict) -> Figure:
     ax["lr"].sharex(ax["loss"])
     threshold = (results.get("criterion") or {}).get("threshold")
     lr_drawn = starred = False
-    for i, v in enumerate(variants):
-        st = variant_style(v, i)
+    for v in variants:
+        st = variant_style(v)
         lr_drawn |= _training_loss(ax, v, st, training[v], draw_lr=not lr_drawn)
         starred |= _validation(ax, v, st, training[v])
     ax["loss"].set_ylabel("training loss (nats / token)")
@@ -274,7 +274,7 @@ def retrieval_head(results: dict) -> Figure:
     vmax = max(float(np.nanmax(e)) for e in examples)
     seeds = results.get("seeds") or list(range(len(data[variants[0]])))
     image = None
-    for i, (ax, v, rows) in enumerate(zip(maps, variants, examples)):
+    for ax, v, rows in zip(maps, variants, examples):
         first = data[v][0]
         start, end = first["example"]["key_span"]
         image = ax.imshow(rows, aspect="auto", cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=vmax, interpolation="nearest",
@@ -285,7 +285,7 @@ def retrieval_head(results: dict) -> Figure:
                     xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7,
                     color=PALETTE["orange"])
         layer, head = first["head"]
-        ax.set_title(f"{variant_style(v, i)['label']}, seed {seeds[0]}\nlayer {layer}, head {head}")
+        ax.set_title(f"{variant_style(v)['label']}, seed {seeds[0]}\nlayer {layer}, head {head}")
         ax.set_xlabel("key position (token)")
         ax.set_yticks(range(rows.shape[0]), [str(d + 1) for d in range(rows.shape[0])])
         ax.grid(False)
@@ -294,7 +294,7 @@ def retrieval_head(results: dict) -> Figure:
 
     lengths, T = list(results["eval_lengths"]), int(results["train_length"])
     for i, v in enumerate(variants):
-        st = variant_style(v, i)
+        st = variant_style(v)
         x = nudged(lengths, i, n)
         per_seed = np.array([floats(run["matching"]) for run in data[v]])  # [seed, length]
         line_ax.plot(x, per_seed.mean(axis=0), color=st["color"], marker=st["marker"], ms=3.5, label=st["label"],
@@ -327,7 +327,7 @@ def anomalous_fraction(results: dict) -> Figure:
         return empty_figure(results, "Anomalous fraction", "no anomalous-fraction probe in this run")
     fig, (bar_ax, head_ax) = plt.subplots(1, 2, figsize=(8.0, 3.3), sharey=True, constrained_layout=True)
     x = np.arange(len(variants))
-    colours = [variant_style(v, i)["color"] for i, v in enumerate(variants)]
+    colours = [variant_style(v)["color"] for v in variants]
     rng = np.random.default_rng(0)  # horizontal jitter of the head dots only
     kinds = ((-0.2, "mean", "anomalous_fraction", None, True),
              (0.2, "weighted_mean", "weighted_anomalous_fraction", "//", False))
@@ -345,7 +345,7 @@ def anomalous_fraction(results: dict) -> Figure:
             heads = np.concatenate([floats(g[per_head]).ravel() for g in geo[v]])  # [seed · layer · head]
             head_ax.plot(xi + offset + rng.uniform(-0.08, 0.08, heads.size), heads, ls="none", marker="o", ms=2.5,
                          mfc=c if filled else "none", mec=c, alpha=0.6)
-    labels = [variant_style(v, i)["label"] for i, v in enumerate(variants)]
+    labels = [variant_style(v)["label"] for v in variants]
     for ax in (bar_ax, head_ax):
         ax.axhline(CHANCE, color=PALETTE["black"], ls="--", lw=1)
         ax.set_xticks(x, labels, rotation=20, ha="right")

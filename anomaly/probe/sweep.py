@@ -257,7 +257,7 @@ def sweep_slices(
 
 
 @numba.njit(parallel=True, cache=True)
-def _sweep_slices(qre, qim, kre, kim, bins, table, tol):  # pragma: no cover - compiled; tested in test_probe
+def _sweep_slices(qre, qim, kre, kim, bins, table, tol):  # pragma: no cover - compiled; tested in test_probe_stats
     g_count, r_count, t_count = qre.shape
     count = np.zeros((g_count, r_count), np.int64)
     weight = np.zeros((g_count, r_count), np.float64)
