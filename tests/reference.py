@@ -112,13 +112,15 @@ def in_case_d(a: float, b: float, tol: float = 0.0) -> bool:
     return _PI < x < 2 * _PI - Fraction(tol)
 
 
-def pair_statistics(q: np.ndarray, k: np.ndarray, layout: str, tol: float = 0.0, bins: int = 16) -> dict:
+def pair_statistics(q: np.ndarray, k: np.ndarray, layout: str, tol: float = 0.0, bins: int = 16,
+                    window: int | None = None) -> dict:
     """Every pair statistic of the probe, one head, slice and causal pair at a time.
 
     Args:
         q: ``[H, T, d]`` query contents; k: ``[KV, T, d]`` key contents (query head ``h``
             reads key head ``h // (H / KV)``).
         tol: Θ within ``tol`` of 0 (mod 2π) is read as 0.
+        window: a sliding window ``W``: only pairs with ``m − n < W`` count.
 
     Returns:
         ``count_d``, ``weight_d``, ``weight_all``, ``product_re``, ``product_im`` (the real
@@ -141,6 +143,8 @@ def pair_statistics(q: np.ndarray, k: np.ndarray, layout: str, tol: float = 0.0,
             for m in range(t):
                 qx, qy = float(q[h, m, re]), float(q[h, m, im])
                 for n in range(m):
+                    if window is not None and m - n >= window:
+                        continue
                     kx, ky = float(k[h // group, n, re]), float(k[h // group, n, im])
                     wq, wk = math.hypot(qx, qy), math.hypot(kx, ky)
                     out["weight_all"][h, j] += wq * wk

@@ -32,14 +32,18 @@ from probe_helpers import INIT, ids_for
 # --------------------------------------------------------------------------------------
 
 
-def brute_force(cap) -> dict[str, np.ndarray]:
-    """Case-(d) fractions and Θ counts over all causal pairs, float64, by broadcasting."""
+def brute_force(cap, windowed: bool = True) -> dict[str, np.ndarray]:
+    """Case-(d) fractions over the causal pairs each layer scores (its sliding window's
+    only, where it has one; every causal pair with ``windowed=False``), float64, by
+    broadcasting."""
     L, H = len(cap.layers), cap.n_heads
     r = H // cap.n_kv_heads
     t = cap.q[0].shape[1]
-    causal = np.tril(np.ones((t, t), dtype=bool), -1)[..., None]  # [m, n, 1]: m > n
+    distance = np.arange(t)[:, None] - np.arange(t)[None, :]  # [m, n]: m − n
     frac, wfrac = np.zeros((L, H)), np.zeros((L, H))
     for l, layer in enumerate(cap.layers):
+        window = (layer.sliding_window if windowed else None) or t
+        causal = ((distance > 0) & (distance < window))[..., None]  # [m, n, 1]
         q, k = layer.q.double().numpy(), layer.k.double().numpy()
         d = q.shape[-1]
         re_im = np.array([ref.slice_index(j, d, cap.layout) for j in range(d // 2)])  # [J, 2]
@@ -52,7 +56,7 @@ def brute_force(cap) -> dict[str, np.ndarray]:
             theta = np.mod(qa[h][:, None, :] - ka[g][None, :, :], TWO_PI)  # [m, n, J]
             case_d = causal & (theta > math.pi)
             w = qm[h][:, None, :] * km[g][None, :, :]
-            frac[l, h] = case_d.sum() / ((d // 2) * t * (t - 1) / 2)
+            frac[l, h] = case_d.sum() / ((d // 2) * causal.sum())
             wfrac[l, h] = (w * case_d).sum() / (w * causal).sum()
     return {"frac": frac, "wfrac": wfrac}
 
@@ -81,6 +85,25 @@ def test_probe_fractions_equal_brute_force(tiny_arch, tiny_probes):
     assert result.to_json()["mean_anomalous_fraction"] == pytest.approx(bf["frac"].mean(), abs=1e-12)
     # Not all heads the same (GQA heads sharing a key head differ through their queries).
     assert np.ptp(frac) > 0
+
+
+def test_probe_counts_a_sliding_layer_within_its_window():
+    """A sliding-window layer (W = 8, 40 tokens) is measured over the pairs it scores: the
+    fractions equal the windowed brute force (and differ from the all-pairs one), the mean
+    logit is NaN where the window masks, and the logit peak lies inside the window."""
+    import conftest
+
+    model = conftest.tiny_model("mistral", sliding_window=8, initializer_range=INIT)
+    ids = ids_for(model, 40, seed=4)[0]
+    cap, result = capture(model, ids), probe(model, ids, bins=16)
+    assert [layer.sliding_window for layer in cap.layers] == [8, 8] == result.sliding_window
+    bf, every = brute_force(cap), brute_force(cap, windowed=False)
+    np.testing.assert_allclose(result.anomalous_fraction, bf["frac"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(result.weighted_anomalous_fraction, bf["wfrac"], rtol=1e-10, atol=0)
+    assert np.abs(result.anomalous_fraction - every["frac"]).max() > 1e-3
+    assert np.isnan(result.mean_logit[:, :, 8:]).all() and np.isfinite(result.mean_logit[:, :, :8]).all()
+    assert ((result.logit_peak_distance >= 1) & (result.logit_peak_distance <= 7)).all()
+    assert json.loads(json.dumps(result.to_json()))["sliding_window"] == [8, 8]
 
 
 def test_brute_force_matches_reference_loops(tiny_probes):
@@ -286,6 +309,39 @@ def test_pair_statistics_random_layers_equal_reference(layout):
     # The tolerance must be able to change the count: 0.2 rad removes pairs near 2π.
     assert (ref.pair_statistics(q.double().numpy(), k.double().numpy(), layout, 0.2, bins=8)["count_d"].sum()
             < ref.pair_statistics(q.double().numpy(), k.double().numpy(), layout, 0.0, bins=8)["count_d"].sum())
+
+
+@pytest.mark.parametrize("method", ["sweep", "blocks"])
+@settings(max_examples=40, deadline=None, database=None)
+@given(data=layer_contents(), window=st.integers(1, 30))
+def test_pair_statistics_in_a_sliding_window_equal_reference_loops(method, data, window):
+    """A sliding-window layer's statistics count only the pairs it scores (m − n < W),
+    exactly as the loop that skips the others; W ≥ T is every causal pair."""
+    q, k, layout, tol, bins, block = data
+    got = pair_statistics(torch.from_numpy(q), torch.from_numpy(k), layout, bins=bins, zero_angle_tol=tol,
+                          method=method, block=block, window=window)
+    want = ref.pair_statistics(q, k, layout, tol, bins, window=window)
+    t = q.shape[1]
+    w = min(window, t)
+    assert got.pairs == t * (t - 1) // 2 - (t - w + 1) * (t - w) // 2
+    assert got.hist.sum(-1).eq(got.pairs).all()
+    np.testing.assert_array_equal(got.count_d.numpy(), want["count_d"])
+    np.testing.assert_array_equal(got.hist.numpy(), want["hist"])
+    np.testing.assert_allclose(got.weight_d.numpy(), want["weight_d"], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got.weight_all.numpy(), want["weight_all"], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got.mean_product.real.numpy(), want["product_re"], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got.mean_product.imag.numpy(), want["product_im"], rtol=1e-9, atol=1e-9)
+
+
+def test_pair_statistics_window_changes_the_count():
+    """On random contents a window of 5 keeps fewer case-(d) pairs than the whole causal
+    triangle (the window is applied, not ignored)."""
+    g = torch.Generator().manual_seed(11)
+    q, k = torch.randn(2, 40, 4, generator=g), torch.randn(1, 40, 4, generator=g)
+    every, near = pair_statistics(q, k, "half"), pair_statistics(q, k, "half", window=5)
+    assert near.pairs == 4 * 40 - 10 and near.count_d.sum() < every.count_d.sum()
+    with pytest.raises(ValueError, match="window"):
+        pair_statistics(q, k, "half", window=0)
 
 
 def test_zero_angle_tolerance_absorbs_rounded_zeros():

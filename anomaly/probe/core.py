@@ -10,6 +10,10 @@ Definitions (docs/conventions.md §2–3), for layer ``l``, query head ``h`` (it
   within ``zero_angle_tolerance`` of 0 counts as 0.
 * ``anomalous_fraction[l][h]``: share of the triples (m, n, j), ``m > n``, ``j < d_rot/2``,
   in case (d), ``Θ_j ∈ (π, 2π)``. Random isotropic phases give exactly 1/2 in expectation.
+  A sliding-window layer (window ``W`` shorter than the sequence) counts only the pairs it
+  scores, ``m − n < W``, in this and every pair statistic; its ``whole_context`` is over
+  ``W`` tokens, its ``mean_logit`` is NaN from distance ``W`` on, and its logit peak is
+  sought below ``W``.
 * ``weighted_anomalous_fraction[l][h]``: the same with each triple weighted by
   ``|q_{m,j}||k_{n,j}|`` (its weight in the score).
 * ``mean_angle[l, h, j]``: angle of ``Σ_{m>n} q_{m,j} k̄_{n,j}``, the magnitude-weighted
@@ -26,6 +30,7 @@ Definitions (docs/conventions.md §2–3), for layer ``l``, query head ``h`` (it
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -92,7 +97,11 @@ def layer_statistics(layer: LayerCapture, bins: int, zero_angle_tol: float = 0.0
     core), the mean logits from :func:`mean_logit_by_distance`.
     """
     t = layer.q.shape[1]
-    st = pair_statistics(layer.q, layer.k, layer.layout, bins=bins, zero_angle_tol=zero_angle_tol)
+    window = layer.sliding_window
+    st = pair_statistics(layer.q, layer.k, layer.layout, bins=bins, zero_angle_tol=zero_angle_tol, window=window)
+    seen = min(t, window or t)  # the context one query scores: its window, or all T tokens
+    mean_logit = mean_logit_by_distance(layer)
+    mean_logit[:, seen:] = math.nan  # distances the window masks have no logit in the model
     freqs = layer.inv_freq.double().to(st.mean_product.device)
     mean_angle = analytic.wrap_angle(torch.angle(st.mean_product))  # [H, J]
     concentration = torch.where(
@@ -103,14 +112,15 @@ def layer_statistics(layer: LayerCapture, bins: int, zero_angle_tol: float = 0.0
         "weight_d": st.weight_d,
         "weight_all": st.weight_all,
         "fraction_slice": st.count_d.double() / max(st.pairs, 1),
+        "pairs": torch.tensor(st.pairs),
         "theta_hist": st.hist,
         "mean_angle": mean_angle,
         "concentration": concentration,
         "tau": analytic.causal_tau(mean_angle, freqs),
-        "whole_context": analytic.anomalous_slices(mean_angle, freqs, t),
+        "whole_context": analytic.anomalous_slices(mean_angle, freqs, seen),
         "q_norm": st.q_norm,
         "k_norm": st.k_norm,
-        "mean_logit": mean_logit_by_distance(layer),
+        "mean_logit": mean_logit,
         "inv_freq": freqs,
     }
     return {key: v.detach().cpu().numpy() for key, v in out.items()}
@@ -177,6 +187,7 @@ def probe(
     train = int(train_length or train_length_of(config))
     per_layer: list[dict[str, np.ndarray]] = []
     indices: list[int] = []
+    windows: list[int | None] = []  # [L]: a sliding window shorter than the sequence, else None
     slack_layers = []
     if variant.slack_geometry:
         distances, positions, described = _slack_setup(t, train)
@@ -193,14 +204,17 @@ def probe(
             layer = effective_layer(layer)
         per_layer.append(layer_statistics(layer, bins, tol))
         indices.append(layer.index)
+        windows.append(layer.sliding_window if layer.sliding_window is not None and layer.sliding_window < t else None)
         if progress is not None:
             progress(layer.index)
 
     cap = capture(model, ids, on_layer=on_layer)
     arrays = {key: np.stack([p[key] for p in per_layer]) for key in per_layer[0]}
     j = arrays["inv_freq"].shape[-1]
-    pairs = t * (t - 1) // 2
+    pairs = arrays.pop("pairs")  # [L]: pairs per slice each layer scores
     peak_window = max(1, min(max_peak_distance or t // 2, t - 1))
+    # A sliding layer's peak is sought among the distances it scores.
+    peak_windows = [min(peak_window, (w or t) - 1) if (w or t) > 1 else 1 for w in windows]
     d_rot = 2 * j
     base = rope_base_of(config)
     return ProbeResult(
@@ -222,9 +236,11 @@ def probe(
         theta_bins=bins,
         zero_angle_tolerance=tol,
         logit_peak_window=peak_window,
-        anomalous_fraction=arrays["count_d"].sum(-1) / (j * pairs),
+        sliding_window=windows,
+        anomalous_fraction=arrays["count_d"].sum(-1) / (j * pairs[:, None]),
         weighted_anomalous_fraction=arrays["weight_d"].sum(-1) / np.maximum(arrays["weight_all"].sum(-1), 1e-300),
-        logit_peak_distance=1 + arrays["mean_logit"][:, :, 1 : peak_window + 1].argmax(-1),
+        logit_peak_distance=np.stack([1 + arrays["mean_logit"][l, :, 1 : w + 1].argmax(-1)
+                                      for l, w in enumerate(peak_windows)]),
         rotations=analytic.rotations(torch.from_numpy(arrays["inv_freq"]), train).numpy(),
         slack=SlackGeometry(slack_layers, distances, described, SLACK_PAIRS) if variant.slack_geometry else None,
         definitions=definitions(variant.name),
@@ -242,7 +258,8 @@ def definitions(variant: str) -> dict[str, str]:
         "initial_angle": angle,
         "kind": "rope, coca_strict or coca_slack: what the model's attention scores with",
         "anomalous_fraction": "share of causal (m>n) triples (query, key, slice) with Θ_j in (π, 2π): "
-                              "case (d), docs/conventions.md §3; exact count",
+                              "case (d), docs/conventions.md §3; exact count; a sliding layer's pairs within "
+                              "its window only",
         "weighted_anomalous_fraction": "same, each triple weighted by |q_j||k_j|",
         "zero_angle_tolerance": "Θ within this many radians of 0 (mod 2π) counts as 0 (float64 rounding "
                                 "of CoCA's exact zeros; 0 for RoPE models)",
@@ -258,6 +275,9 @@ def definitions(variant: str) -> dict[str, str]:
         "rotations": "[layer, slice] θ_j·train_length/2π, full turns over the training length (YaRN's count)",
         "mean_logit": "[layer, head, distance] mean real pre-softmax logit over pairs at distance s = m − n (FFT "
                       f"in the capture's precision; the last {EXACT_TAIL} distances summed in float64)",
-        "logit_peak_distance": "argmax over distances 1..logit_peak_window of mean_logit (the nearest earlier key "
+        "sliding_window": "[layer] the window W of a layer that scores only pairs with m − n < W (W shorter than "
+                          "the sequence), else null: such a layer's pair statistics count only those pairs, its "
+                          "whole_context is over W tokens, its mean_logit is NaN from distance W on",
+        "logit_peak_distance": "argmax over distances 1..min(logit_peak_window, W − 1) of mean_logit (the nearest earlier key "
                                "is at 1)",
     }

@@ -89,7 +89,12 @@ class ProbeResult:
     zero_angle_tolerance: float
     """Radians; Θ within it of 0 (mod 2π) counted as 0 (CoCA's rounding; 0 for RoPE)."""
     logit_peak_window: int
-    """Largest distance searched for each head's logit peak."""
+    """Largest distance searched for each head's logit peak (below a layer's window)."""
+    sliding_window: list[int | None]
+    """``[L]``: the window ``W`` of a layer that scores only the pairs ``m − n < W``, where
+    ``W`` is shorter than the sequence, else ``None``. Its pair statistics count those
+    pairs only, its ``whole_context`` is over ``W`` tokens and its ``mean_logit`` is NaN
+    from distance ``W`` on (the model computes no such logit)."""
 
     # ---- per layer and head
     anomalous_fraction: np.ndarray
@@ -216,6 +221,7 @@ class ProbeResult:
             "logit_peak_distance": self.logit_peak_distance.tolist(),
             "peaks_away_from_nearest_key": self.peaks_away_from_nearest_key.tolist(),
             "logit_peak_window": self.logit_peak_window,
+            "sliding_window": self.sliding_window,
             "theta_bins": self.theta_bins,
         }
         if self.slack is not None:

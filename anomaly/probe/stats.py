@@ -58,14 +58,15 @@ METHODS = ("sweep", "blocks")
 
 @dataclass
 class PairStats:
-    """Statistics of one layer over causal pairs (``m > n``), per query head and slice."""
+    """Statistics of one layer over the causal pairs it scores (``m > n``, and ``m − n < W``
+    for a sliding-window layer), per query head and slice."""
 
     count_d: Tensor
     """``[H, J]`` int64: causal pairs in case (d)."""
     weight_d: Tensor
     """``[H, J]`` float64: ``Σ |q_{m,j}||k_{n,j}|`` over those pairs."""
     weight_all: Tensor
-    """``[H, J]`` float64: ``Σ |q_{m,j}||k_{n,j}|`` over all causal pairs."""
+    """``[H, J]`` float64: ``Σ |q_{m,j}||k_{n,j}|`` over all those pairs."""
     hist: Tensor
     """``[H, J, bins]`` int64: causal pairs per Θ bin (binned phases, ±1 bin)."""
     mean_product: Tensor
@@ -75,7 +76,7 @@ class PairStats:
     k_norm: Tensor
     """``[KV, J]`` float64: mean ``|k_{n,j}|`` over tokens."""
     pairs: int
-    """``T(T−1)/2``: causal pairs per slice."""
+    """Pairs per slice: ``T(T−1)/2``, less ``(T−W+1)(T−W)/2`` beyond a window ``W < T``."""
 
 
 def pair_statistics(
@@ -87,6 +88,7 @@ def pair_statistics(
     zero_angle_tol: float = 0.0,
     method: str | None = None,
     block: int | None = None,
+    window: int | None = None,
 ) -> PairStats:
     """Case-(d) counts and weights, Θ histograms and mean slice products of one layer.
 
@@ -102,6 +104,8 @@ def pair_statistics(
             exact, with identical results.
         block: ``"blocks"`` only: time and rank block size (default balanced for ``T``);
             any value gives the same result.
+        window: a sliding-window layer's ``W``: only the pairs it scores count
+            (``0 < m − n < W``). ``None``: every causal pair (global attention).
 
     Returns:
         :class:`PairStats` on ``q``'s device.
@@ -117,6 +121,30 @@ def pair_statistics(
     method = method or ("sweep" if q.device.type == "cpu" else "blocks")
     if method not in METHODS:
         raise ValueError(f"unknown pair-statistics method {method!r}; use one of {', '.join(METHODS)}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be at least 1 token, got {window}")
+    every = _causal_statistics(q, k, layout, bins, zero_angle_tol, method, block)
+    if window is None or window >= t:
+        return every
+    # The pairs beyond the window (m − n ≥ W) are the causal pairs of the shifted sequences
+    # q[W−1:] and k[:T−W+1] (query i is m = i + W − 1, so n < i is n ≤ m − W); every
+    # statistic but the per-token norms is a sum over pairs, so the window's is the
+    # difference, exact, with either method.
+    far = _causal_statistics(q[:, window - 1 :], k[:, : t - window + 1], layout, bins, zero_angle_tol, method, block)
+    return PairStats(
+        count_d=every.count_d - far.count_d, weight_d=every.weight_d - far.weight_d,
+        weight_all=every.weight_all - far.weight_all, hist=every.hist - far.hist,
+        mean_product=every.mean_product - far.mean_product, q_norm=every.q_norm, k_norm=every.k_norm,
+        pairs=every.pairs - far.pairs,
+    )
+
+
+def _causal_statistics(
+    q: Tensor, k: Tensor, layout: Layout, bins: int, zero_angle_tol: float, method: str, block: int | None
+) -> PairStats:
+    """:func:`pair_statistics` over every causal pair (arguments checked there)."""
+    h, t, d = q.shape
+    kv = k.shape[0]
     r, j = h // kv, d // 2
     q_re, q_im = slice_members(q, layout)  # [H, T, J] each (views)
     k_re, k_im = slice_members(k, layout)  # [KV, T, J]
