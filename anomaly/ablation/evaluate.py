@@ -156,6 +156,19 @@ def validation_prompts(config: AblationConfig, task: PasskeyTask) -> list[Passke
     return [task.sample(config.data.train_length, rng) for _ in range(config.train.val_prompts)]
 
 
+def validator(config: AblationConfig, task: PasskeyTask) -> Callable[[torch.nn.Module], dict]:
+    """The validation that training runs every ``val_every`` steps, the same for the ablation
+    and the learning-rate sweep: a model → its mean ``exact`` match and ``digit_nll`` on the
+    :func:`validation_prompts` (drawn once, here)."""
+    prompts = validation_prompts(config, task)
+
+    def validate(model: torch.nn.Module) -> dict:
+        exact, digit_nll = passkey_scores(model.eval(), task, prompts, config.eval.batch_tokens)
+        return {"digit_nll": float(digit_nll.mean()), "exact": float(exact.mean())}
+
+    return validate
+
+
 @dataclass
 class ScalingResult:
     """One model under one scaling, at every evaluation length."""

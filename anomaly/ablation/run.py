@@ -49,7 +49,7 @@ from anomaly.ablation.config import AblationConfig, check_config
 from anomaly.ablation.data import AblationData, build_data
 from anomaly.ablation.distributed import World, join, leave
 from anomaly.ablation.lock import lock_owner, locked
-from anomaly.ablation.evaluate import evaluate_scaling, passkey_scores, set_scaling, validation_prompts
+from anomaly.ablation.evaluate import evaluate_scaling, set_scaling, validator
 from anomaly.ablation.geometry import anomalous_fractions, coefficient_sparsity, slack_spread
 from anomaly.ablation.retrieval import retrieval_attention
 from anomaly.replication import ppl_of
@@ -59,6 +59,7 @@ from anomaly.ablation.train import (
 from anomaly.errors import UserError
 from anomaly.io import Provenance, write_json
 from anomaly.models import resolve_device
+from anomaly.outputs import OutputDir
 
 SMOKE_NOTE = ("smoke preset: a plumbing check of every step on a model too small and too briefly "
               "trained to mean anything; its numbers are not results")
@@ -98,6 +99,10 @@ def finished_state(config: AblationConfig, vdir: Path, probe: bool) -> TrainStat
     return state
 
 
+Model = tuple[int, str]
+"""One model of a run: ``(seed, variant)``."""
+
+
 def run(
     config: AblationConfig,
     out: Path,
@@ -126,6 +131,34 @@ def run(
     dev = join(world, resolve_device(device), config.train.batch_size)  # before anything is written
     if dev.type == "cpu" and config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
+    figures_out, data = _prepare(config, out, figures, world, log)
+    validate = validator(config, data.passkey)
+    held: list[Model] = []
+    if world.distributed:
+        trained = _train_every_model(config, data, out, variants, dev, validate, world, deadline, log)
+        if trained is None or not world.main:
+            return None
+        done = _evaluate_every_model(config, data, out, trained, dev, deadline, probe, log)
+    else:
+        mine = _work_through(config, data, out, variants, dev, validate, deadline, probe, log)
+        if mine is None:
+            return None
+        done, held = mine
+        others = _left_to_others(config, data, out, held, dev, deadline, probe, log)
+        done = None if others is None else {**done, **others}
+    if done is None:
+        return None
+    states = {v: [done[seed, v][0] for seed in config.seeds] for v in variants}
+    per_variant = {v: [done[seed, v][1] for seed in config.seeds] for v in variants}
+    finish = functools.partial(_finish, config, data, out, per_variant, states, dev, started, figures_out, log)
+    return _finish_once(out, log, finish) if held else finish()
+
+
+def _prepare(config: AblationConfig, out: Path, figures: bool, world: World,
+             log: Callable[[str], None]) -> tuple[OutputDir | None, AblationData]:
+    """Check ``out`` and claim its figures (rank 0, before hours of training), then the data
+    (tokenised by rank 0, read from its cache by the others). Returns the claimed figure
+    folder (``None`` without ``figures`` and on other ranks) and the data."""
     figures_out = None
     if world.main:
         if figures:  # checked now, not after hours of training
@@ -144,73 +177,86 @@ def run(
     log(f"  {config.train.steps * config.train.batch_size} training sequences of {config.data.train_length} "
         f"tokens per seed; <unk> rate {data.stats['unk_rate']['held_out']:.3f} on held-out text "
         "(tokens outside the trimmed vocabulary)")
-    val = validation_prompts(config, data.passkey)
+    return figures_out, data
 
-    def validate(model: torch.nn.Module) -> dict:
-        exact, digit_nll = passkey_scores(model.eval(), data.passkey, val, config.eval.batch_tokens)
-        return {"digit_nll": float(digit_nll.mean()), "exact": float(exact.mean())}
 
-    states: dict[str, list[TrainState]] = {v: [] for v in variants}
-    per_variant: dict[str, list[dict]] = {v: [] for v in variants}
-    if world.distributed:
-        # Under DDP every rank must take part in every training: rank 0 evaluates after all of them.
-        for seed in config.seeds:
-            batches = None
-            for variant in variants:
-                vdir = seed_dir(out, variant, seed)
-                if batches is None:
-                    batches, _ = data.training_sequences(seed)
-                state = _train(config, variant, seed, vdir, batches, dev, validate, world, deadline, log)
-                if state is None:
-                    leave(world)
-                    return None
-                states[variant].append(state)
-        leave(world)
-        if not world.main:
-            return None
-        for seed in config.seeds:
-            for variant in variants:
-                state = states[variant][config.seeds.index(seed)]
-                result = evaluate_model(config, data, seed_dir(out, variant, seed), variant, seed, dev, deadline,
-                                        probe, log, state)
-                if result is None:
-                    return None
-                per_variant[variant].append(result)
-    else:
-        # One model at a time, each under its own lock, so that several processes (--shared)
-        # can work through one run: a model another running process holds is left to it.
-        done: dict[tuple[int, str], tuple[TrainState, dict]] = {}
-        held: list[tuple[int, str]] = []
-        for seed in config.seeds:
-            sequences = functools.cache(lambda seed=seed: data.training_sequences(seed)[0])  # made once, if needed
-            for variant in variants:
-                outcome = _model(config, data, out, variant, seed, sequences, dev, validate, deadline, probe, log)
-                if outcome is False:
-                    return None  # time limit
-                if outcome is None:
-                    held.append((seed, variant))
-                else:
-                    done[seed, variant] = outcome
-        for seed, variant in held:  # finished by their workers in the meantime?
+def _train_every_model(config: AblationConfig, data: AblationData, out: Path, variants: Sequence[str],
+                       dev: torch.device, validate: Callable[[torch.nn.Module], dict], world: World,
+                       deadline: float | None, log: Callable[[str], None]) -> dict[Model, TrainState] | None:
+    """Under DDP every rank must take part in every training (rank 0 evaluates after all of
+    them): each model's state, or ``None`` when the deadline stopped one. Leaves ``world``."""
+    states: dict[Model, TrainState] = {}
+    for seed in config.seeds:
+        batches = None
+        for variant in variants:
             vdir = seed_dir(out, variant, seed)
-            state = finished_state(config, vdir, probe and registry.variant(variant).probed)
+            if batches is None:
+                batches, _ = data.training_sequences(seed)
+            state = _train(config, variant, seed, vdir, batches, dev, validate, world, deadline, log)
             if state is None:
-                log(f"{len(held)} model(s) were being trained by other processes; the last process to finish "
-                    "writes results.json (or run the same command again once they are done)")
+                leave(world)
                 return None
-            result = evaluate_model(config, data, vdir, variant, seed, dev, deadline, probe, log, state)
-            if result is None:
-                return None
-            done[seed, variant] = state, result
-        for seed in config.seeds:
-            for variant in variants:
-                state, result = done[seed, variant]
-                states[variant].append(state)
-                per_variant[variant].append(result)
-        if held:
-            return _finish_once(out, log, lambda: _finish(config, data, out, per_variant, states, dev, started,
-                                                          figures_out, log))
-    return _finish(config, data, out, per_variant, states, dev, started, figures_out, log)
+            states[seed, variant] = state
+    leave(world)
+    return states
+
+
+def _evaluate_every_model(config: AblationConfig, data: AblationData, out: Path, trained: dict[Model, TrainState],
+                          dev: torch.device, deadline: float | None, probe: bool,
+                          log: Callable[[str], None]) -> dict[Model, tuple[TrainState, dict]] | None:
+    """Each trained model's state and evaluations, in training order; ``None`` on the deadline."""
+    done: dict[Model, tuple[TrainState, dict]] = {}
+    for (seed, variant), state in trained.items():
+        result = evaluate_model(config, data, seed_dir(out, variant, seed), variant, seed, dev, deadline, probe, log,
+                                state)
+        if result is None:
+            return None
+        done[seed, variant] = state, result
+    return done
+
+
+def _work_through(config: AblationConfig, data: AblationData, out: Path, variants: Sequence[str],
+                  dev: torch.device, validate: Callable[[torch.nn.Module], dict], deadline: float | None,
+                  probe: bool, log: Callable[[str], None]) -> tuple[dict[Model, tuple[TrainState, dict]],
+                                                                     list[Model]] | None:
+    """One model at a time, each under its own lock, so that several processes (--shared)
+    can work through one run: the state and evaluations of every model this process did or
+    found done, and the models another running process holds (left to it); ``None`` on the
+    deadline."""
+    done: dict[Model, tuple[TrainState, dict]] = {}
+    held: list[Model] = []
+    for seed in config.seeds:
+        sequences = functools.cache(lambda seed=seed: data.training_sequences(seed)[0])  # made once, if needed
+        for variant in variants:
+            outcome = _model(config, data, out, variant, seed, sequences, dev, validate, deadline, probe, log)
+            if outcome is False:
+                return None  # time limit
+            if outcome is None:
+                held.append((seed, variant))
+            else:
+                done[seed, variant] = outcome
+    return done, held
+
+
+def _left_to_others(config: AblationConfig, data: AblationData, out: Path, held: list[Model], dev: torch.device,
+                    deadline: float | None, probe: bool,
+                    log: Callable[[str], None]) -> dict[Model, tuple[TrainState, dict]] | None:
+    """The models other processes held, if their workers finished them in the meantime: each
+    one's state and evaluations; ``None`` (said in the log) while one is unfinished, or on
+    the deadline."""
+    done: dict[Model, tuple[TrainState, dict]] = {}
+    for seed, variant in held:
+        vdir = seed_dir(out, variant, seed)
+        state = finished_state(config, vdir, probe and registry.variant(variant).probed)
+        if state is None:
+            log(f"{len(held)} model(s) were being trained by other processes; the last process to finish "
+                "writes results.json (or run the same command again once they are done)")
+            return None
+        result = evaluate_model(config, data, vdir, variant, seed, dev, deadline, probe, log, state)
+        if result is None:
+            return None
+        done[seed, variant] = state, result
+    return done
 
 
 def _finish_once(out: Path, log: Callable[[str], None], finish: Callable[[], dict]) -> dict | None:
@@ -223,7 +269,7 @@ def _finish_once(out: Path, log: Callable[[str], None], finish: Callable[[], dic
 
 
 def _finish(config: AblationConfig, data: AblationData, out: Path, per_variant: dict[str, list[dict]],
-            states: dict[str, list[TrainState]], dev: torch.device, started: float, figures_out,
+            states: dict[str, list[TrainState]], dev: torch.device, started: float, figures_out: OutputDir | None,
             log: Callable[[str], None]) -> dict:
     """Write ``results.json`` from every model's results, and the figures into ``figures_out``
     (an :class:`~anomaly.outputs.OutputDir` claimed beforehand) unless it is ``None``."""

@@ -26,7 +26,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,10 +34,10 @@ import torch
 
 from anomaly import variants as registry
 from anomaly.ablation.config import PRESETS, AblationConfig, check_config, config_from_dict, get_preset
-from anomaly.ablation.data import build_data
-from anomaly.ablation.evaluate import passkey_scores, validation_prompts
+from anomaly.ablation.data import AblationData, build_data
+from anomaly.ablation.evaluate import validator
 from anomaly.ablation.lock import lock_owner, locked
-from anomaly.ablation.train import CHECKPOINT, build_model, train
+from anomaly.ablation.train import CHECKPOINT, TrainState, build_model, train
 from anomaly.cli import ArgumentParser, UserError, run_main
 from anomaly.io import Provenance, code_version, write_json
 from anomaly.models import resolve_device
@@ -157,85 +157,128 @@ def run_sweep(
         progress.done = len(models)
         return progress
     data = build_data(base, work / "cache")  # the text, vocabulary and prompts do not depend on lr or seed
-    val = validation_prompts(base, data.passkey)
-
-    def validate(model: torch.nn.Module) -> dict:  # as anomaly.ablation.run validates
-        exact, digit_nll = passkey_scores(model.eval(), data.passkey, val, base.eval.batch_tokens)
-        return {"digit_nll": float(digit_nll.mean()), "exact": float(exact.mean())}
-
-    batches: dict[int, torch.Tensor] = {}
-    code = code_version(__name__)
+    worker = _Worker(base, work, results, data, validator(base, data.passkey), device, command,
+                     code_version(__name__), deadline, log)
     while True:
-        took_one = False
-        busy: list[str] = []
-        for m in models:
-            out = result_path(results, m)
-            if out.exists():
-                continue
-            lock = work / "locks" / f"{m.variant}_{m.name}.lock"
-            with locked(lock) as mine:
-                if not mine:
-                    owner = lock_owner(lock)
-                    busy.append(f"{m.variant}/{m.name}")
-                    log(f"{m.tag} claimed by running pid {owner.pid if owner else '?'}; skipped")
-                    continue
-                if out.exists():  # finished by another worker between the check and the claim
-                    continue
-                took_one = True
-                config = model_config(base, m.lr, m.seed)
-                folder = work / m.variant / m.name
-                check_config(folder, config)  # a leftover checkpoint of another config is refused
-                if m.seed not in batches:
-                    batches.clear()  # one seed's sequences at a time (seed-major order)
-                    batches[m.seed] = data.training_sequences(m.seed)[0]
-                model = build_model(config, m.variant, m.seed).to(device)
-                log(f"{m.tag} training")
-                try:
-                    state = train(model, batches[m.seed], config, folder / CHECKPOINT, validate=validate,
-                                  deadline=deadline, log=lambda s, tag=m.tag: log(f"{tag} {s}"))
-                except RuntimeError as exc:
-                    if not str(exc).startswith(DIVERGED):
-                        raise
-                    # A result too: this learning rate is not eligible for this variant (the rule).
-                    write_json(out, {"variant": m.variant, "lr": m.lr, "seed": m.seed, "diverged": str(exc),
-                                     "config": config.to_dict(),
-                                     "provenance": Provenance(command=command, model=f"ablation/{base.preset}",
-                                                              seed=m.seed, code=code)})
-                    progress.trained += 1
-                    log(f"{m.tag} diverged ({exc}); recorded in {out}")
-                    continue
-                if state.step < config.train.steps:
-                    log(f"{m.tag} stopped at step {state.step}/{config.train.steps} (time limit); "
-                        "run the same command again to resume")
-                    progress.stopped = True
-                    break
-                record = {
-                    "variant": m.variant,
-                    "lr": m.lr,
-                    "seed": m.seed,
-                    "validation": state.val,
-                    "score_window": WINDOW,
-                    "criterion_step": state.criterion_step,
-                    "final_loss": state.curve["loss"][-1] if state.curve["loss"] else None,
-                    "train_curve": state.curve,
-                    "train_seconds": state.train_seconds,
-                    "tokens_per_s": state.tokens_per_s,
-                    "device": {"type": device.type, "threads": torch.get_num_threads(),
-                               "name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                                        else platform.processor() or platform.machine())},
-                    "config": config.to_dict(),
-                    "provenance": Provenance(command=command, model=f"ablation/{base.preset}", seed=m.seed,
-                                             code=code, extra={"variant": m.variant, "lr": m.lr}),
-                }
-                write_json(out, record)
-                progress.trained += 1
-                log(f"{m.tag} done in {state.train_seconds / 60:.1f} min: last-{WINDOW} digit loss "
-                    f"{score(record):.3f}, final exact {state.val['exact'][-1]:.2f}; wrote {out}")
+        took_one, busy = _sweep_pass(worker, models, progress)
         if progress.stopped or not took_one:
             break
     progress.done = sum(result_path(results, m).exists() for m in models)
     progress.claimed_by_others = busy
     return progress
+
+
+@dataclass
+class _Worker:
+    """What every model one worker trains shares."""
+
+    base: AblationConfig
+    work: Path
+    results: Path
+    data: AblationData
+    validate: Callable[[torch.nn.Module], dict]
+    """As the ablation validates (:func:`~anomaly.ablation.evaluate.validator`)."""
+    device: torch.device
+    command: str
+    code: dict[str, str]
+    """The sweep's source hashes, for every result's provenance."""
+    deadline: float | None
+    log: Callable[[str], None]
+    batches: dict[int, torch.Tensor] = field(default_factory=dict)
+    """One seed's training sequences at a time (the plan is seed-major)."""
+
+    def sequences(self, seed: int) -> torch.Tensor:
+        if seed not in self.batches:
+            self.batches.clear()
+            self.batches[seed] = self.data.training_sequences(seed)[0]
+        return self.batches[seed]
+
+
+def _sweep_pass(worker: _Worker, models: Sequence[SweepModel], progress: SweepProgress) -> tuple[bool, list[str]]:
+    """One pass over ``models``: each model without a result that no running worker holds is
+    claimed and trained (:func:`_train_model`) until the time limit stops one
+    (``progress.stopped``). Returns whether this pass took any model, and the models that
+    running workers hold."""
+    took_one = False
+    busy: list[str] = []
+    for m in models:
+        out = result_path(worker.results, m)
+        if out.exists():
+            continue
+        lock = worker.work / "locks" / f"{m.variant}_{m.name}.lock"
+        with locked(lock) as mine:
+            if not mine:
+                owner = lock_owner(lock)
+                busy.append(f"{m.variant}/{m.name}")
+                worker.log(f"{m.tag} claimed by running pid {owner.pid if owner else '?'}; skipped")
+                continue
+            if out.exists():  # finished by another worker between the check and the claim
+                continue
+            took_one = True
+            if not _train_model(worker, m, out, progress):
+                progress.stopped = True
+                break
+    return took_one, busy
+
+
+def _train_model(worker: _Worker, m: SweepModel, out: Path, progress: SweepProgress) -> bool:
+    """Train (or resume) the claimed model ``m`` and write its result file ``out``: its
+    validation record, or that it diverged. Returns ``False`` when the time limit stopped it."""
+    log = worker.log
+    config = model_config(worker.base, m.lr, m.seed)
+    folder = worker.work / m.variant / m.name
+    check_config(folder, config)  # a leftover checkpoint of another config is refused
+    sequences = worker.sequences(m.seed)
+    model = build_model(config, m.variant, m.seed).to(worker.device)
+    log(f"{m.tag} training")
+    try:
+        state = train(model, sequences, config, folder / CHECKPOINT, validate=worker.validate,
+                      deadline=worker.deadline, log=lambda s, tag=m.tag: log(f"{tag} {s}"))
+    except RuntimeError as exc:
+        if not str(exc).startswith(DIVERGED):
+            raise
+        # A result too: this learning rate is not eligible for this variant (the rule).
+        write_json(out, {"variant": m.variant, "lr": m.lr, "seed": m.seed, "diverged": str(exc),
+                         "config": config.to_dict(),
+                         "provenance": Provenance(command=worker.command, model=f"ablation/{worker.base.preset}",
+                                                  seed=m.seed, code=worker.code)})
+        progress.trained += 1
+        log(f"{m.tag} diverged ({exc}); recorded in {out}")
+        return True
+    if state.step < config.train.steps:
+        log(f"{m.tag} stopped at step {state.step}/{config.train.steps} (time limit); "
+            "run the same command again to resume")
+        return False
+    record = _record(worker, m, config, state)
+    write_json(out, record)
+    progress.trained += 1
+    log(f"{m.tag} done in {state.train_seconds / 60:.1f} min: last-{WINDOW} digit loss "
+        f"{score(record):.3f}, final exact {state.val['exact'][-1]:.2f}; wrote {out}")
+    return True
+
+
+def _record(worker: _Worker, m: SweepModel, config: AblationConfig, state: TrainState) -> dict:
+    """The result file of a model trained to the cap: its validation and training curves,
+    where and how fast it trained, its config and provenance."""
+    device = worker.device
+    return {
+        "variant": m.variant,
+        "lr": m.lr,
+        "seed": m.seed,
+        "validation": state.val,
+        "score_window": WINDOW,
+        "criterion_step": state.criterion_step,
+        "final_loss": state.curve["loss"][-1] if state.curve["loss"] else None,
+        "train_curve": state.curve,
+        "train_seconds": state.train_seconds,
+        "tokens_per_s": state.tokens_per_s,
+        "device": {"type": device.type, "threads": torch.get_num_threads(),
+                   "name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else platform.processor() or platform.machine())},
+        "config": config.to_dict(),
+        "provenance": Provenance(command=worker.command, model=f"ablation/{worker.base.preset}", seed=m.seed,
+                                 code=worker.code, extra={"variant": m.variant, "lr": m.lr}),
+    }
 
 
 # --------------------------------------------------------------------------- the rule
