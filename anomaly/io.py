@@ -141,7 +141,7 @@ class Provenance:
     """Source file (relative to the repository) -> first 12 hex digits of its SHA-256, for
     every toolkit file the producer imports (:func:`code_version`)."""
     versions: dict[str, str] = field(default_factory=lambda: _versions())
-    """Python, torch, transformers, numpy, matplotlib and anomaly versions (those loaded)."""
+    """Python, torch, transformers, numpy, matplotlib, seaborn and anomaly versions (those loaded)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Anything else the producer wants on record (settings, device, dtype)."""
 
@@ -195,7 +195,7 @@ def code_version(*modules: str) -> dict[str, str]:
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "numpy", "matplotlib"):
+    for name in ("torch", "transformers", "numpy", "matplotlib", "seaborn"):
         mod = sys.modules.get(name)
         if mod is not None:
             out[name] = getattr(mod, "__version__", "?")

@@ -228,12 +228,18 @@ def test_heatmap_cells_are_the_passkey_grid(results, reached, draw):
             (image,) = _by_gid(fig, f"{v}/{panel}/grid")
             np.testing.assert_array_equal(image.get_array(), np.asarray(grid))  # [length, depth]
             ax = image.axes
-            # Depth on x (0 = start of context), length on y; each cell says its value.
+            # Depth on x (0 = start of context), length on y, the shortest at the bottom; each
+            # cell says its value. Cells are found by the mesh's corners, whatever their spacing.
+            corners = image.get_coordinates()  # [length + 1, depth + 1, (x, y)]
+            xs, ys = corners[0, :, 0], corners[:, 0, 1]
             ticks = ax.get_xticks()
             labels = [ax.xaxis.get_major_formatter()(t, i) for i, t in enumerate(ticks)]
             assert labels == [f"{x:g}" for x in r["depths"]]
-            np.testing.assert_array_equal(ticks, np.arange(d))
-            cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+            np.testing.assert_allclose(ticks, (xs[:-1] + xs[1:]) / 2)  # one tick at the centre of each depth
+            bottom, top = ax.get_ylim()
+            assert bottom < top and np.isclose(bottom, ys[0])  # the first length (row 0) is at the bottom
+            cells = {(int(np.searchsorted(ys, t.get_position()[1])) - 1, int(np.searchsorted(xs, t.get_position()[0])) - 1):
+                     t.get_text() for t in ax.texts}
             for (li, di), val in np.ndenumerate(np.asarray(grid)):
                 # the mean over seeds, and below it each seed's value in seed order
                 assert cells[li, di] == f"{100 * val:.0f}\n" + "·".join(f"{100 * g[li][di]:.0f}" for g in per_seed)
@@ -241,6 +247,12 @@ def test_heatmap_cells_are_the_passkey_grid(results, reached, draw):
     # Without any criterion reading: one row of panels.
     one_row = draw(plots.passkey_heatmap, results)
     assert len([ax for ax in one_row.axes if ax.get_label() != "<colorbar>"]) == len(results["variants"])
+    # A cell without a value (null in the JSON) says so, and only that cell.
+    holed = copy.deepcopy(r)
+    holed["passkey_grid"]["rope"]["none"][0][d - 1] = None
+    (image,) = _by_gid(draw(plots.passkey_heatmap, holed), "rope/none/grid")
+    na = [t.get_position() for t in image.axes.texts if t.get_text() == "n/a"]
+    assert len(na) == 1 and na[0][0] > image.get_coordinates()[0, d - 1, 0] and na[0][1] < image.get_coordinates()[1, 0, 1]
 
 
 def test_digit_loss_marks_guessing(results, draw):
@@ -290,6 +302,14 @@ def test_anomalous_fraction_bars_are_means_over_seeds(results, draw):
         np.testing.assert_allclose(heights, [np.mean([g[key] for g in geo[v]]) for v in results["variants"]])
         seeds = [m.get_ydata() for m in _by_gid(fig, f"{key}/seeds")]
         np.testing.assert_allclose(seeds, [[g[key] for g in geo[v]] for v in results["variants"]])
+        # Beside the bars, a strip of every head of every seed, jittered sideways only.
+        per_head = "anomalous_fraction" if key == "mean" else "weighted_anomalous_fraction"
+        for i, v in enumerate(results["variants"]):
+            (strip,) = _by_gid(fig, f"{v}/{key}/heads")
+            points = strip.get_offsets()  # [seed · layer · head, (x, y)]
+            np.testing.assert_allclose(np.sort(points[:, 1]), np.sort(np.concatenate([np.ravel(g[per_head]) for g in geo[v]])))
+            centre = i + (-0.2 if key == "mean" else 0.2)
+            assert np.abs(points[:, 0] - centre).max() <= 0.08 and np.ptp(points[:, 0]) > 0
     dashed = [line for line in fig.axes[0].lines if line.get_linestyle() == "--"]
     assert any(np.allclose(line.get_ydata(), plots.CHANCE) for line in dashed)
 

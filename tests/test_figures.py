@@ -169,3 +169,48 @@ def test_write_json_rounds_floats_to_stated_digits(tmp_path):
     exact = json.loads(write_json(tmp_path / "e.json", obj, digits=None).read_text())
     assert exact["x"] == 0.45598655012824707 and FLOAT_DIGITS == 6
 
+
+
+def test_seeded_repeats_the_jitter_and_leaves_the_callers_random_stream_alone():
+    """seaborn jitters strips with numpy's global state: inside ``seeded`` it is the same
+    every time, and the caller's stream goes on afterwards as if nothing had drawn from it."""
+    import numpy as np
+    from anomaly.plotting.style import seeded
+
+    np.random.seed(123)
+    expected = np.random.random(3)
+    np.random.seed(123)
+    with seeded(0):
+        first = np.random.random(4)
+    with seeded(0):
+        again = np.random.random(4)
+    assert (first == again).all() and (np.random.random(3) == expected).all()
+
+
+def test_tau_strips_are_each_slices_case_d_taus():
+    """The probe's τ figure: per slice j, a strip of one point per (layer, head) in case (d)
+    (τ > 0), jittered sideways within ±0.3 of j, the same on every drawing."""
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from anomaly.probe.plots import tau_distribution
+
+    tau = np.random.default_rng(1).lognormal(size=(2, 3, 4))  # [layer, head, slice]
+    tau[0, 0] = 0.0  # a head outside case (d) in every slice
+    tau[1, :, 3] = 0.0
+    result = SimpleNamespace(tau=tau, tokens=64, critical_slice=2, train_length=128)
+    figs = [tau_distribution(result) for _ in range(2)]
+    try:
+        points = [np.concatenate([c.get_offsets() for c in f.axes[0].collections]) for f in figs]  # [point, (x, y)]
+        np.testing.assert_array_equal(points[0], points[1])
+        x, y = points[0][:, 0], points[0][:, 1]
+        j = np.rint(x)
+        assert np.abs(x - j).max() <= 0.3 and np.ptp(x - j) > 0
+        for s in range(4):
+            np.testing.assert_allclose(np.sort(y[j == s]), np.sort(tau[..., s][tau[..., s] > 0]))
+        labels = [t.get_text() for t in figs[0].axes[0].get_legend().get_texts()]
+        assert labels.count("head × layer (case d)") == 1
+    finally:
+        for f in figs:
+            plt.close(f)

@@ -27,13 +27,14 @@ their panel and named in the legend.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+import seaborn as sns
 from matplotlib.artist import Artist
+from matplotlib.collections import QuadMesh
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import PercentFormatter
@@ -48,8 +49,8 @@ from anomaly.analytic import CHANCE_FRACTION
 from anomaly.cli import ArgumentParser, UserError, run_main
 from anomaly.io import Provenance
 from anomaly.outputs import OutputDir, claim
-from anomaly.plotting.style import (CYCLE, PALETTE, SEQUENTIAL_CMAP, Registry, figure_files, save_figures, styled,
-                                    use_file_backend)
+from anomaly.plotting.style import (CYCLE, PALETTE, SEQUENTIAL_CMAP, Registry, figure_files, save_figures, seeded,
+                                    styled, use_file_backend)
 
 CHANCE = CHANCE_FRACTION
 """Anomalous fraction of directions drawn uniformly at random (docs/conventions.md §3)."""
@@ -141,20 +142,11 @@ def passkey_heatmap(results: dict) -> Figure:
             if grid is None:
                 ax.text(0.5, 0.5, f"no seed reached\nthe {panel}", ha="center", va="center", transform=ax.transAxes)
                 continue
-            image = ax.imshow(grid, origin="lower", aspect="auto", cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0,
-                              interpolation="nearest", gid=f"{v}/{panel}/grid")
-            for (li, di), val in np.ndenumerate(grid):
-                missing = math.isnan(val)
-                text = "n/a" if missing else f"{100 * val:.0f}"
-                if seeds is not None and not missing:
-                    text += "\n" + cell_seeds([100 * g[li, di] for g in seeds.values()])
-                ax.text(di, li, text, ha="center", va="center", fontsize=6.5 if seeds is None else 5,
-                        color="black" if missing or val >= 0.6 else "white")  # viridis is dark at its low end
+            image = _grid_panel(ax, grid, seeds, [f"{d:g}" for d in depths], [f"{n} ({n / T:g}×)" for n in lengths],
+                                f"{v}/{panel}/grid")
     for ax in axes[-1]:
-        ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_xlabel("key depth (0 = start of context)")
     for ax in axes[:, 0]:
-        ax.set_yticks(range(len(lengths)), [f"{n} ({n / T:g}×)" for n in lengths])
         ax.set_ylabel("evaluation length (tokens)")
     if image is not None:
         cb = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9)
@@ -165,6 +157,31 @@ def passkey_heatmap(results: dict) -> Figure:
                   "this run kept no per-seed cells; each seed by length: ablation_passkey")
     return finish(fig, results, f"Passkey retrieval (%) by length and depth, no scaling\n"
                    f"(mean over {seed_count(results)}{per_cell}; {seeds_note})")
+
+
+def _grid_panel(ax: plt.Axes, grid: np.ndarray, seeds: dict[int, np.ndarray] | None, depths: list[str],
+                lengths: list[str], gid: str) -> QuadMesh:
+    """One panel of :func:`passkey_heatmap`: ``grid`` ``[length, depth]`` as seaborn's
+    annotated heatmap (the mesh gets ``gid``), the shortest length at the bottom. Each cell
+    gives the mean in % and, with ``seeds``, each seed's value below it; a cell without a
+    value says "n/a"."""
+    missing = np.isnan(grid)
+    text = np.full(grid.shape, "", dtype=object)
+    for (li, di), val in np.ndenumerate(grid):
+        if not missing[li, di]:
+            text[li, di] = f"{100 * val:.0f}" + ("" if seeds is None else
+                                                 "\n" + cell_seeds([100 * g[li, di] for g in seeds.values()]))
+    size = 6.5 if seeds is None else 5
+    # seaborn picks each number's colour (dark or white) by its cell's luminance.
+    sns.heatmap(grid, ax=ax, cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0, cbar=False, annot=text, fmt="",
+                annot_kws={"fontsize": size}, xticklabels=depths, yticklabels=lengths)
+    mesh = ax.collections[-1]
+    mesh.set_gid(gid)
+    for li, di in zip(*np.nonzero(missing)):  # seaborn leaves a masked cell blank
+        ax.text(di + 0.5, li + 0.5, "n/a", ha="center", va="center", fontsize=size, color="black")
+    ax.set_ylim(0, grid.shape[0])  # seaborn puts the first row on top; lengths grow upwards
+    ax.tick_params(axis="y", labelrotation=0)
+    return mesh
 
 
 def _training_loss(ax: dict[str, plt.Axes], variant: str, st: dict, runs: list[dict], draw_lr: bool) -> bool:
@@ -328,23 +345,25 @@ def anomalous_fraction(results: dict) -> Figure:
     fig, (bar_ax, head_ax) = plt.subplots(1, 2, figsize=(8.0, 3.3), sharey=True, constrained_layout=True)
     x = np.arange(len(variants))
     colours = [variant_style(v)["color"] for v in variants]
-    rng = np.random.default_rng(0)  # horizontal jitter of the head dots only
     kinds = ((-0.2, "mean", "anomalous_fraction", None, True),
              (0.2, "weighted_mean", "weighted_anomalous_fraction", "//", False))
-    for offset, key, per_head, hatch, filled in kinds:  # filled: dot style of the per-head panel
-        per_seed = [[float(g[key]) for g in geo[v]] for v in variants]
-        means = [float(np.mean(s)) for s in per_seed]
-        bars = bar_ax.bar(x + offset, means, width=0.38, color=colours, hatch=hatch, edgecolor="white", gid=key)
-        for xi, seed_values, b, val in zip(x, per_seed, bars, means):
-            bar_ax.plot(np.full(len(seed_values), xi + offset), seed_values, ls="none", marker="o", ms=3,
-                        color=PALETTE["black"], alpha=0.6, gid=f"{key}/seeds")
-            top = max([val, *seed_values])
-            bar_ax.annotate("0" if val == 0 else f"{val:.2f}", (b.get_x() + b.get_width() / 2, top),
-                            xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=7)
-        for xi, v, c in zip(x, variants, colours):
-            heads = np.concatenate([floats(g[per_head]).ravel() for g in geo[v]])  # [seed · layer · head]
-            head_ax.plot(xi + offset + rng.uniform(-0.08, 0.08, heads.size), heads, ls="none", marker="o", ms=2.5,
-                         mfc=c if filled else "none", mec=c, alpha=0.6)
+    with seeded(0):  # the strips' jitter: seaborn draws it from numpy's global state
+        for offset, key, per_head, hatch, filled in kinds:  # filled: dot style of the per-head panel
+            per_seed = [[float(g[key]) for g in geo[v]] for v in variants]
+            means = [float(np.mean(s)) for s in per_seed]
+            bars = bar_ax.bar(x + offset, means, width=0.38, color=colours, hatch=hatch, edgecolor="white", gid=key)
+            for xi, seed_values, b, val in zip(x, per_seed, bars, means):
+                bar_ax.plot(np.full(len(seed_values), xi + offset), seed_values, ls="none", marker="o", ms=3,
+                            color=PALETTE["black"], alpha=0.6, gid=f"{key}/seeds")
+                top = max([val, *seed_values])
+                bar_ax.annotate("0" if val == 0 else f"{val:.2f}", (b.get_x() + b.get_width() / 2, top),
+                                xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=7)
+            for xi, v, c in zip(x, variants, colours):
+                heads = np.concatenate([floats(g[per_head]).ravel() for g in geo[v]])  # [seed · layer · head]
+                sns.stripplot(x=np.full(heads.size, xi + offset), y=heads, orient="x", native_scale=True, jitter=0.08,
+                              size=2.5, linewidth=1.0, edgecolor=c, alpha=0.6, ax=head_ax,
+                              **({"color": c} if filled else {"facecolor": "none"}))
+                head_ax.collections[-1].set_gid(f"{v}/{key}/heads")
     labels = [variant_style(v)["label"] for v in variants]
     for ax in (bar_ax, head_ax):
         ax.axhline(CHANCE, color=PALETTE["black"], ls="--", lw=1)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import matplotlib
 import matplotlib.pyplot as plt
+import numpy as np
 from cycler import cycler
 from matplotlib.figure import Figure
 
@@ -98,6 +99,23 @@ def style() -> Iterator[None]:
         yield
     finally:
         plt.rcParams.update(caller)
+
+
+@contextmanager
+def seeded(seed: int = 0) -> Iterator[None]:
+    """numpy's global random state seeded with ``seed`` inside the block, the caller's again
+    after it.
+
+    seaborn's strip plots jitter their points with the global state (they take no
+    generator): drawn inside the block, the same result gives the same figure, so committed
+    figures regenerate to the same bytes, and no caller's random stream is moved.
+    """
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
 
 
 F = TypeVar("F", bound=Callable[..., Figure])

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import seaborn as sns
 from matplotlib.figure import Figure
 
 from anomaly import variants
 from anomaly.io import Provenance
 from anomaly.probe.result import ProbeResult
 from anomaly.plotting.style import (CYCLE, DIVERGING_CMAP, PALETTE, SEQUENTIAL_CMAP, Registry, axes_or_new, save_figures,
-                                    styled)
+                                    seeded, styled)
 
 
 def chosen_heads(result: ProbeResult, count: int = 3) -> list[tuple[int, int]]:
@@ -76,14 +77,19 @@ def angle_histograms(result: ProbeResult, heads: list[tuple[int, int]] | None = 
 @styled
 def tau_distribution(result: ProbeResult, ax: plt.Axes | None = None) -> Figure:
     """τ (at each head's mean angle) per slice over all heads, with the probed length and
-    the critical slice of Liu et al."""
+    the critical slice of Liu et al.: each slice's distribution as a strip of points, one
+    per (layer, head) in case (d)."""
     tau = result.tau  # [L, H, J]
     L, H, J = tau.shape
     fig, ax, _ = axes_or_new(ax, (5.0, 3.2), constrained_layout=True)
     jj = np.broadcast_to(np.arange(J), tau.shape)
     pos = tau > 0
-    jitter = (np.random.default_rng(0).random(tau.shape) - 0.5) * 0.6
-    ax.scatter((jj + jitter)[pos], tau[pos], s=3, alpha=0.35, color=CYCLE[0], lw=0, label="head × layer (case d)")
+    first = len(ax.collections)
+    with seeded(0):
+        sns.stripplot(x=jj[pos], y=tau[pos], orient="x", native_scale=True, jitter=0.3, size=3 ** 0.5, alpha=0.35,
+                      color=CYCLE[0], linewidth=0, ax=ax)
+    if len(ax.collections) > first:  # one collection per slice: the legend names the first
+        ax.collections[first].set_label("head × layer (case d)")
     ax.axhline(result.tokens, color=PALETTE["vermillion"], lw=1, label=f"probed length T = {result.tokens}")
     ax.axvline(result.critical_slice - 0.5, color=PALETTE["orange"], ls="--", lw=1,
                label=f"critical slice (Liu et al.), train length {result.train_length}")
