@@ -483,16 +483,34 @@ def verdict(test: Test, expected: int, unit: str = "", digits: int = 2) -> Verdi
     smallest difference the design could have detected at 80 % power, and a note where the
     exact test cannot reach 0.05 with this many seeds at all.
     """
-    established = test.excludes_null and test.p < ALPHA
-    if established:
+    if _established(test):
         word = "agrees" if expected != 0 and np.sign(test.estimate) == expected else "contradicts"
         return Verdict(word, f"{word} (n = {test.n} seeds, p = {test.p:.3g})")
-    if test.n < 2:
-        return Verdict("not distinguishable", f"not distinguishable with {test.n} seed (no test is possible)")
-    floor = f"the exact test cannot go below p = {test.min_p:.2g} with {test.n} seeds"
-    if not math.isfinite(test.mde):
-        return Verdict("not distinguishable", f"not distinguishable with {test.n} seeds (no difference is "
-                       f"detectable: {floor})")
-    text = f"not distinguishable with {test.n} seeds (80 % power to detect |Δ| ≥ {test.mde:.{digits}f}{unit}"
-    return Verdict("not distinguishable", text + (f"; {floor})" if test.min_p >= ALPHA else ")"))
+    return _not_distinguishable(test, unit, digits, "seeds")
 
+
+def direction(test: Test, below: str, above: str, units: str, unit: str = "", digits: int = 2) -> Verdict:
+    """The same rule where no sign is claimed beforehand: ``below`` or ``above`` (the sign of
+    an established ``estimate``), else "not distinguishable with n ``units``" with the
+    smallest difference detectable at 80 % power (e.g. the atlas's texts)."""
+    if _established(test):
+        word = below if test.estimate < 0 else above
+        return Verdict(word, f"{word} (n = {test.n} {units}, p = {test.p:.3g})")
+    return _not_distinguishable(test, unit, digits, units)
+
+
+def _established(test: Test) -> bool:
+    """Both the 95 % interval and the exact test exclude no difference."""
+    return bool(test.excludes_null and test.p < ALPHA)
+
+
+def _not_distinguishable(test: Test, unit: str, digits: int, units: str) -> Verdict:
+    if test.n < 2:
+        return Verdict("not distinguishable", f"not distinguishable with {test.n} {units.removesuffix('s')} "
+                       "(no test is possible)")
+    floor = f"the exact test cannot go below p = {test.min_p:.2g} with {test.n} {units}"
+    if not math.isfinite(test.mde):
+        return Verdict("not distinguishable", f"not distinguishable with {test.n} {units} (no difference is "
+                       f"detectable: {floor})")
+    text = f"not distinguishable with {test.n} {units} (80 % power to detect |Δ| ≥ {test.mde:.{digits}f}{unit}"
+    return Verdict("not distinguishable", text + (f"; {floor})" if test.min_p >= ALPHA else ")"))

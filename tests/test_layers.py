@@ -22,7 +22,8 @@ PACKAGE = ROOT / "anomaly"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Top first. A module may import modules of its own row or of rows below it, never above.
     ("commands", (
-        "anomaly.figures", "anomaly.probe.cli", "anomaly.probe.__main__", "anomaly.coca.geometry",
+        "anomaly.figures", "anomaly.probe.cli", "anomaly.probe.__main__", "anomaly.probe.atlas.cli",
+        "anomaly.probe.atlas.__main__", "anomaly.coca.geometry",
         "anomaly.ablation.__main__", "anomaly.ablation.run", "anomaly.ablation.sweep",
     )),
     # Model code, ordered so that no package of it imports one above it (no cycles).
@@ -46,6 +47,7 @@ longest name that covers a module decides its row (``anomaly.coca.geometry``, th
 
 COMMAND_DRIVES = {
     "anomaly.probe.__main__": {"anomaly.probe.cli"},
+    "anomaly.probe.atlas.__main__": {"anomaly.probe.atlas.cli"},
     "anomaly.ablation.__main__": {"anomaly.ablation.run"},
 }
 """Commands never import one another (no module imports a sibling's orchestrator or a CLI),

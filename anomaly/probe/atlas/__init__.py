@@ -1,0 +1,16 @@
+"""The atlas: the anomaly across real models, context lengths and texts.
+
+``python -m anomaly.probe.atlas --models smollm2-135m gemma3-270m --tokens 512 2048 8192
+--out DIR`` probes every model at every length on the same texts (prose and code from the
+bundled corpora, one window per document: its first ``T`` tokens) and writes one comparison.
+
+The unit of replication is the *text*: the same documents are probed by every model at
+every length, so models and lengths are compared text by text (paired), and every interval
+is over texts (:mod:`anomaly.replication`), never over the heads, slices or pairs one text
+yields.
+
+Parts: :mod:`~anomaly.probe.atlas.readings` (what is read off one probe),
+:mod:`~anomaly.probe.atlas.texts` (which documents), :mod:`~anomaly.probe.atlas.tables`
+(the comparison over texts), :mod:`~anomaly.probe.atlas.plots` (its figures) and the
+command, :mod:`~anomaly.probe.atlas.cli`.
+"""

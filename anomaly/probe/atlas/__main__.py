@@ -1,0 +1,3 @@
+from anomaly.probe.atlas.cli import entry
+
+raise SystemExit(entry())
