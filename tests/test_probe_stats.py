@@ -274,16 +274,19 @@ def layer_contents(draw):
 
 @pytest.mark.parametrize("method", ["sweep", "blocks"])
 @settings(max_examples=50, deadline=None, database=None)
-@given(data=layer_contents())
-def test_pair_statistics_equal_reference_loops(method, data):
+@given(data=layer_contents(), window=st.one_of(st.none(), st.integers(1, 30)))
+def test_pair_statistics_equal_reference_loops(method, data, window):
     """Every statistic, zero slices, tied phases, both layouts, with and without the
-    zero-angle tolerance: exactly the brute-force loop's counts and histograms."""
+    zero-angle tolerance, over every causal pair or a sliding window's (m − n < W; W ≥ T is
+    every pair): exactly the brute-force loop's counts and histograms."""
     q, k, layout, tol, bins, block = data
     got = pair_statistics(torch.from_numpy(q), torch.from_numpy(k), layout, bins=bins, zero_angle_tol=tol,
-                          method=method, block=block)
-    want = ref.pair_statistics(q, k, layout, tol, bins)
+                          method=method, block=block, window=window)
+    want = ref.pair_statistics(q, k, layout, tol, bins, window=window)
     t = q.shape[1]
-    assert got.pairs == t * (t - 1) // 2
+    w = min(window or t, t)
+    assert got.pairs == t * (t - 1) // 2 - (t - w + 1) * (t - w) // 2
+    assert got.hist.sum(-1).eq(got.pairs).all()
     np.testing.assert_array_equal(got.count_d.numpy(), want["count_d"])
     np.testing.assert_array_equal(got.hist.numpy(), want["hist"])
     np.testing.assert_allclose(got.weight_d.numpy(), want["weight_d"], rtol=1e-10, atol=1e-10)
@@ -309,28 +312,6 @@ def test_pair_statistics_random_layers_equal_reference(layout):
     # The tolerance must be able to change the count: 0.2 rad removes pairs near 2π.
     assert (ref.pair_statistics(q.double().numpy(), k.double().numpy(), layout, 0.2, bins=8)["count_d"].sum()
             < ref.pair_statistics(q.double().numpy(), k.double().numpy(), layout, 0.0, bins=8)["count_d"].sum())
-
-
-@pytest.mark.parametrize("method", ["sweep", "blocks"])
-@settings(max_examples=40, deadline=None, database=None)
-@given(data=layer_contents(), window=st.integers(1, 30))
-def test_pair_statistics_in_a_sliding_window_equal_reference_loops(method, data, window):
-    """A sliding-window layer's statistics count only the pairs it scores (m − n < W),
-    exactly as the loop that skips the others; W ≥ T is every causal pair."""
-    q, k, layout, tol, bins, block = data
-    got = pair_statistics(torch.from_numpy(q), torch.from_numpy(k), layout, bins=bins, zero_angle_tol=tol,
-                          method=method, block=block, window=window)
-    want = ref.pair_statistics(q, k, layout, tol, bins, window=window)
-    t = q.shape[1]
-    w = min(window, t)
-    assert got.pairs == t * (t - 1) // 2 - (t - w + 1) * (t - w) // 2
-    assert got.hist.sum(-1).eq(got.pairs).all()
-    np.testing.assert_array_equal(got.count_d.numpy(), want["count_d"])
-    np.testing.assert_array_equal(got.hist.numpy(), want["hist"])
-    np.testing.assert_allclose(got.weight_d.numpy(), want["weight_d"], rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(got.weight_all.numpy(), want["weight_all"], rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(got.mean_product.real.numpy(), want["product_re"], rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(got.mean_product.imag.numpy(), want["product_im"], rtol=1e-9, atol=1e-9)
 
 
 def test_pair_statistics_window_changes_the_count():

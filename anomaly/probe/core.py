@@ -214,7 +214,7 @@ def probe(
     pairs = arrays.pop("pairs")  # [L]: pairs per slice each layer scores
     peak_window = max(1, min(max_peak_distance or t // 2, t - 1))
     # A sliding layer's peak is sought among the distances it scores.
-    peak_windows = [min(peak_window, (w or t) - 1) if (w or t) > 1 else 1 for w in windows]
+    peak_windows = [max(1, min(peak_window, w - 1)) if w else peak_window for w in windows]
     d_rot = 2 * j
     base = rope_base_of(config)
     return ProbeResult(

@@ -114,10 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.quiet:
             print(f"{name}: loaded in {time.perf_counter() - t0:.0f} s", flush=True)
         for text in texts:
-            body = text.document().read()
+            # One tokenisation per text at the longest length; a shorter window is its prefix.
+            window = ids(name, text.document.read(), lengths[-1])
             for tokens in lengths:
                 t0 = time.perf_counter()
-                result = probe(loaded.model, ids(name, body, tokens), model_name=name)
+                result = probe(loaded.model, window[:tokens], model_name=name)
                 cells.append(Cell(name, text, readings(result)))
                 if not args.quiet:
                     r = cells[-1].readings
@@ -130,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "texts": [t.name for t in texts]})
     record = {
         "models": plan,
-        "texts": [vars(t) for t in texts],
+        "texts": [t.to_json() for t in texts],
         "cells": [{"model": c.model, "text": c.text.name, "kind": c.text.kind, **c.readings.to_json()} for c in cells],
         "atlas": atlas.to_json(),
         "provenance": prov,

