@@ -35,16 +35,15 @@ from __future__ import annotations
 
 import functools
 import json
-import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from anomaly import variants as registry
+from anomaly.ablation.assembly import SMOKE_NOTE, assemble
 from anomaly.ablation.config import AblationConfig, check_config
 from anomaly.ablation.data import AblationData, build_data
 from anomaly.ablation.distributed import World, join, leave
@@ -52,7 +51,6 @@ from anomaly.ablation.lock import lock_owner, locked
 from anomaly.ablation.evaluate import evaluate_scaling, set_scaling, validator
 from anomaly.ablation.geometry import anomalous_fractions, coefficient_sparsity, slack_spread
 from anomaly.ablation.retrieval import retrieval_attention
-from anomaly.replication import ppl_of
 from anomaly.ablation.train import (
     CHECKPOINT, CRITERION, MATCHED, TrainState, build_model, load_checkpoint, matched_step, seed_dir, train,
 )
@@ -60,10 +58,6 @@ from anomaly.errors import UserError
 from anomaly.io import Provenance, write_json
 from anomaly.models import resolve_device
 from anomaly.outputs import OutputDir
-
-SMOKE_NOTE = ("smoke preset: a plumbing check of every step on a model too small and too briefly "
-              "trained to mean anything; its numbers are not results")
-"""Printed at the start and the end of a smoke run and recorded in its results."""
 
 
 def _load_json(path: Path) -> dict | None:
@@ -370,182 +364,120 @@ def evaluate_model(
     """Evaluate, trace the retrieval head of, and probe one model trained to ``state`` (each
     step skipped when already done; a model's weights are loaded only for a step to do)."""
     tag = f"[{variant} seed {seed}]"
-    say = lambda s: log(f"{tag} {s}")  # noqa: E731
-    loaded: dict[str, torch.nn.Module] = {}
-
-    def weights(name: str) -> torch.nn.Module:
-        """The model with the weights of ``vdir / name`` (loaded once, on first use)."""
-        if name not in loaded:
-            if not (vdir / name / "model.safetensors").exists():
-                raise UserError(f"{vdir / name} is missing, and {vdir} still needs it for an evaluation; "
-                                f"delete {vdir} to train this model again")
-            model = build_model(config, variant, seed).to(device)
-            load_checkpoint(vdir / name, model)
-            loaded[name] = model.eval()
-        return loaded[name]
-
-    evals: dict[str, dict] = {}
-    for scaling in config.eval.scalings:
-        def compute(scaling=scaling) -> dict:
-            say(f"evaluating, scaling {scaling}")
-            return asdict(evaluate_scaling(weights(CHECKPOINT), config, scaling, data.held_out, data.passkey, log=say))
-        evals[scaling] = _step(vdir / f"eval_{scaling}.json", deadline, say, f"evaluating {scaling}", compute)
-        if evals[scaling] is None:
-            return None
-
-    def trace() -> dict:
-        model = weights(CHECKPOINT)
-        return retrieval_attention(model, config, data.passkey, config.eval.retrieval_samples,
-                                   lambda: set_scaling(model, config, "none"))
-
-    retrieval = _step(vdir / "retrieval.json", deadline, say, "the retrieval head", trace)
+    one = _Evaluation(config, data, vdir, variant, seed, device, deadline, lambda s: log(f"{tag} {s}"))
+    evals = one.scalings()
+    if evals is None:
+        return None
+    retrieval = one.retrieval()
     if retrieval is None:
         return None
-    say(f"retrieval head L{retrieval['head'][0]}H{retrieval['head'][1]}: attention on the matching digit "
-        + ", ".join(f"{m:.2f}" for m in retrieval["matching"]) + " by length")
-
     geometry = None
-    spec = registry.variant(variant)
-    if probe and spec.probed:
-        def measure() -> dict:
-            model = weights(CHECKPOINT)
-            tokens = config.eval.probe_tokens or config.data.train_length
-            name = sorted(data.held_out)[0]
-            ids = data.held_out[name][:tokens][None].to(device)  # [1, tokens]
-            start = time.perf_counter()
-            geo = anomalous_fractions(model, ids, variant)
-            if spec.slack_geometry:
-                geo["slack_spread"] = slack_spread(model, ids, config.data.train_length, max(config.eval_lengths))
-            if spec.coefficient_sparsity:
-                geo["coefficients"] = coefficient_sparsity(model, ids)
-            geo.update(text=name, seconds=time.perf_counter() - start)
-            say(f"anomalous fraction {geo['mean']:.3f} (weighted {geo['weighted_mean']:.3f})")
-            return geo
-        geometry = _step(vdir / "geometry.json", deadline, say, "probing", measure)
+    if probe and registry.variant(variant).probed:
+        geometry = one.geometry()
         if geometry is None:
             return None
-
-    def snapshot(step: int | None, folder: str, file: str, what: str) -> dict | None | bool:
-        """The no-scaling evaluation of the weights kept at ``step`` (the final model's when
-        that is the last step); ``None`` when there are none, ``False`` on the deadline."""
-        if step is None:
-            return None
-        if step == state.step:
-            return evals["none"]
-        def compute() -> dict:
-            say(f"evaluating the {what} model (step {step}), no scaling")
-            return asdict(evaluate_scaling(weights(folder), config, "none", data.held_out, data.passkey, log=say))
-        done = _step(vdir / file, deadline, say, f"evaluating the {what} model", compute)
-        return False if done is None else done
-
     # The "to criterion" reading: the weights when validation first reached the criterion;
     # the matched-stage reading: train.matched_steps steps later.
-    criterion = snapshot(state.criterion_step, CRITERION, "criterion_eval.json", "criterion")
-    matched = snapshot(matched_step(config, state.criterion_step), MATCHED, "matched_eval.json", "matched-stage")
+    criterion = one.snapshot(state, evals, state.criterion_step, CRITERION, "criterion_eval.json", "criterion")
+    matched = one.snapshot(state, evals, matched_step(config, state.criterion_step), MATCHED, "matched_eval.json",
+                           "matched-stage")
     if criterion is False or matched is False:
         return None
     return {"state": state, "eval": evals, "geometry": geometry, "retrieval": retrieval, "criterion": criterion,
             "matched": matched}
 
 
-def _pooled(per_seed: list[dict], key: str) -> np.ndarray:
-    """``[seed, length, …]`` array of one per-prompt or per-segment field."""
-    return np.asarray([r[key] for r in per_seed], dtype=float)
+@dataclass
+class _Evaluation:
+    """The evaluation steps of one trained model (:func:`evaluate_model`), each read from its
+    file in ``vdir`` when done; ``None`` from a step means the deadline stopped it."""
 
+    config: AblationConfig
+    data: AblationData
+    vdir: Path
+    variant: str
+    seed: int
+    device: torch.device
+    deadline: float | None
+    say: Callable[[str], None]
+    loaded: dict[str, torch.nn.Module] = field(default_factory=dict)
 
-def _summaries(evals: list[dict]) -> dict:
-    """Per-seed values and means over seeds of one variant under one scaling (``evals``:
-    that scaling's :class:`ScalingResult` dicts, one per seed). Intervals and tests are not
-    stored: :mod:`anomaly.ablation.analysis` computes them from the per-seed values, with
-    the seed as the unit."""
-    exact = _pooled(evals, "passkey_exact")  # [seed, length, depth, prompt]
-    digits = _pooled(evals, "passkey_digit_nll")  # [seed, length, depth, prompt]
-    out = {
-        "passkey": exact.mean(axis=(0, 2, 3)).tolist(),
-        "passkey_per_seed": exact.mean(axis=(2, 3)).tolist(),
-        "passkey_grid": exact.mean(axis=(0, 3)).tolist(),
-        "passkey_grid_per_seed": exact.mean(axis=3).tolist(),  # [seed, length, depth]
-        "digit_nll": digits.mean(axis=(0, 2, 3)).tolist(),
-        "digit_nll_per_seed": digits.mean(axis=(2, 3)).tolist(),
-    }
-    if evals[0]["segment_nll"]:
-        seg = _pooled(evals, "segment_nll")  # [seed, length, segment]
-        out.update(
-            # exp of the mean NLL over every seed's segments: the geometric mean over seeds
-            # of their perplexities, as every seed scores the same segments
-            ppl=[ppl_of(float(s.mean())) for s in seg.swapaxes(0, 1)],
-            ppl_per_seed=np.vectorize(lambda s: ppl_of(float(s.mean())), signature="(n)->()")(seg).tolist(),
-            nll=seg.mean(axis=(0, 2)).tolist(),
-            segment_nll_per_seed=seg.tolist(),
-        )
-    return out
+    def weights(self, name: str) -> torch.nn.Module:
+        """The model with the weights of ``vdir / name`` (loaded once, on first use)."""
+        if name not in self.loaded:
+            if not (self.vdir / name / "model.safetensors").exists():
+                raise UserError(f"{self.vdir / name} is missing, and {self.vdir} still needs it for an evaluation; "
+                                f"delete {self.vdir} to train this model again")
+            model = build_model(self.config, self.variant, self.seed).to(self.device)
+            load_checkpoint(self.vdir / name, model)
+            self.loaded[name] = model.eval()
+        return self.loaded[name]
 
+    def step(self, file: str, what: str, compute: Callable[[], dict]) -> dict | None:
+        return _step(self.vdir / file, self.deadline, self.say, what, compute)
 
-def assemble(config: AblationConfig, data: AblationData, per_variant: dict[str, list[dict]],
-             states: dict[str, list[TrainState]], device: torch.device, seconds: float) -> dict:
-    """The ``results.json`` dict (keys fixed by the issues: ``train_length``, ``eval_lengths``,
-    ``seeds``, ``ppl``/``passkey`` ``[variant][scaling]`` (means over seeds) and their
-    ``*_per_seed``; see docs/ablation.md for every key)."""
-    scalings = list(config.eval.scalings)
-    tables: dict[str, dict] = {}
-    for v, runs in per_variant.items():
-        for s in scalings:
-            for key, value in _summaries([r["eval"][s] for r in runs]).items():
-                tables.setdefault(key, {}).setdefault(v, {})[s] = value
-    criterion: dict[str, dict] = {}
-    matched: dict[str, dict] = {}
-    for v, runs in per_variant.items():
-        reached = [r["criterion"] for r in runs if r["criterion"] is not None]
-        criterion[v] = {
-            "steps": [r["state"].criterion_step for r in runs],
-            "seeds_reached": sum(r["criterion"] is not None for r in runs),
-            **({k: val for k, val in _summaries(reached).items()} if reached else {}),
-        }
-        at_stage = [r["matched"] for r in runs if r["matched"] is not None]
-        matched[v] = {
-            "steps": [matched_step(config, r["state"].criterion_step) for r in runs],
-            "seeds_reached": len(at_stage),
-            **(_summaries(at_stage) if at_stage else {}),
-        }
-    return {
-        "train_length": config.data.train_length,
-        "eval_lengths": config.eval_lengths,
-        "variants": list(per_variant),
-        "scalings": scalings,
-        "seeds": list(config.seeds),
-        "depths": list(config.eval.depths),
-        **tables,
-        "passkey_samples": config.eval.passkey_samples,
-        "passkey_prompts_per_length": config.eval.passkey_samples * len(config.eval.depths) * len(config.seeds),
-        "ppl_scored_tokens": config.eval.ppl_segments * (config.stride - 1) * len(config.seeds),
-        "stride": config.stride,
-        "criterion": {"threshold": config.train.criterion, "scaling": "none", "per_variant": criterion},
-        **({"matched_stage": {"extra_steps": config.train.matched_steps, "threshold": config.train.criterion,
-                              "scaling": "none", "per_variant": matched}}
-           if config.train.matched_steps is not None else {}),
-        "lr": {v: config.lr_of(v) for v in per_variant},
-        "lr_reading": ("per variant (train.lr_by_variant, chosen by the learning-rate sweep)" if config.train.lr_by_variant
-                       else "the same peak learning rate for every variant (train.lr)"),
-        "retrieval": {v: [r["retrieval"] for r in runs] for v, runs in per_variant.items()},
-        "anomalous_fraction": {v: [r["geometry"] for r in runs] for v, runs in per_variant.items()
-                               if all(r["geometry"] is not None for r in runs)},
-        "training": {
-            v: [{"curve": st.curve, "val": st.val, "criterion_step": st.criterion_step, "steps": st.step,
-                 "lr": config.lr_of(v), "matched_step": matched_step(config, st.criterion_step),
-                 "final_loss": st.curve["loss"][-1] if st.curve["loss"] else None,
-                 "tokens_per_s": st.tokens_per_s, "train_seconds": st.train_seconds} for st in sts]
-            for v, sts in states.items()
-        },
-        "wall_s": {
-            "train": {v: sum(st.train_seconds for st in sts) for v, sts in states.items()},
-            "eval": {v: sum(r["eval"][s]["seconds"] for r in runs for s in scalings) for v, runs in per_variant.items()},
-            "this_command": seconds,
-        },
-        "note": SMOKE_NOTE if config.preset == "smoke" else None,
-        "config": config.to_dict(),
-        "data": data.stats,
-        "vocab_hf_ids": list(data.vocab.hf_ids),
-        "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-                   "threads": torch.get_num_threads()},
-        "provenance": Provenance.from_argv(model=f"ablation/{config.preset}", seed=list(config.seeds)),
-    }
+    def scalings(self) -> dict[str, dict] | None:
+        """The final model's evaluation under each of ``config.eval.scalings``."""
+        config, data = self.config, self.data
+        evals: dict[str, dict] = {}
+        for scaling in config.eval.scalings:
+            def compute(scaling=scaling) -> dict:
+                self.say(f"evaluating, scaling {scaling}")
+                return asdict(evaluate_scaling(self.weights(CHECKPOINT), config, scaling, data.held_out, data.passkey,
+                                               log=self.say))
+            evals[scaling] = self.step(f"eval_{scaling}.json", f"evaluating {scaling}", compute)
+            if evals[scaling] is None:
+                return None
+        return evals
+
+    def retrieval(self) -> dict | None:
+        """The final model's retrieval head and its attention on the matching digit."""
+        def trace() -> dict:
+            model = self.weights(CHECKPOINT)
+            return retrieval_attention(model, self.config, self.data.passkey, self.config.eval.retrieval_samples,
+                                       lambda: set_scaling(model, self.config, "none"))
+
+        retrieval = self.step("retrieval.json", "the retrieval head", trace)
+        if retrieval is not None:
+            self.say(f"retrieval head L{retrieval['head'][0]}H{retrieval['head'][1]}: attention on the matching "
+                     "digit " + ", ".join(f"{m:.2f}" for m in retrieval["matching"]) + " by length")
+        return retrieval
+
+    def geometry(self) -> dict | None:
+        """The final model's anomalous fractions (and the variant's extra readings)."""
+        config, data, spec = self.config, self.data, registry.variant(self.variant)
+
+        def measure() -> dict:
+            model = self.weights(CHECKPOINT)
+            tokens = config.eval.probe_tokens or config.data.train_length
+            name = sorted(data.held_out)[0]
+            ids = data.held_out[name][:tokens][None].to(self.device)  # [1, tokens]
+            start = time.perf_counter()
+            geo = anomalous_fractions(model, ids, self.variant)
+            if spec.slack_geometry:
+                geo["slack_spread"] = slack_spread(model, ids, config.data.train_length, max(config.eval_lengths))
+            if spec.coefficient_sparsity:
+                geo["coefficients"] = coefficient_sparsity(model, ids)
+            geo.update(text=name, seconds=time.perf_counter() - start)
+            self.say(f"anomalous fraction {geo['mean']:.3f} (weighted {geo['weighted_mean']:.3f})")
+            return geo
+
+        return self.step("geometry.json", "probing", measure)
+
+    def snapshot(self, state: TrainState, evals: dict[str, dict], step: int | None, folder: str, file: str,
+                 what: str) -> dict | None | bool:
+        """The no-scaling evaluation of the weights kept at ``step`` (the final model's,
+        ``evals["none"]``, when that is the last step, ``state.step``); ``None`` when there
+        are none, ``False`` on the deadline."""
+        if step is None:
+            return None
+        if step == state.step:
+            return evals["none"]
+
+        def compute() -> dict:
+            self.say(f"evaluating the {what} model (step {step}), no scaling")
+            return asdict(evaluate_scaling(self.weights(folder), self.config, "none", self.data.held_out,
+                                           self.data.passkey, log=self.say))
+
+        done = self.step(file, f"evaluating the {what} model", compute)
+        return False if done is None else done

@@ -305,29 +305,10 @@ def train(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world.distributed else model
     rows = world.shard(t.batch_size)
-
-    def validation() -> None:
-        if validate is None or not world.main or (state.val["step"] and state.val["step"][-1] == state.step):
-            return
-        scores = validate(model)
-        model.train()
-        for key in ("digit_nll", "exact"):
-            state.val[key].append(scores[key])
-        state.val["step"].append(state.step)
-        log(f"step {state.step}: validation digit loss {scores['digit_nll']:.3f}, exact {scores['exact']:.2f}")
-        if state.criterion_step is None and scores["exact"] >= t.criterion:
-            state.criterion_step = state.step
-            save_checkpoint(checkpoint.parent / CRITERION, model, None, state)
-
-    def matched() -> None:
-        if world.main and state.criterion_step is not None and matched_step(config, state.criterion_step) == state.step:
-            save_checkpoint(checkpoint.parent / MATCHED, model, None, state)
-
     if state.step == 0:
-        validation()
-        matched()
+        _validation(model, state, validate, world, config, checkpoint, log)
+        _keep_matched(model, state, config, world, checkpoint)
     model.train()
-    window = state.window
     session_step = 0
     while state.step < t.steps:
         start = time.perf_counter()
@@ -335,33 +316,14 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr
         batch = batches[state.step * t.batch_size : (state.step + 1) * t.batch_size][rows].to(device)  # [B/N, T]
-        with autocast:
-            loss = ddp(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        value = world.mean(loss.item(), device)  # .item() synchronises: honest GPU timing
-        if not math.isfinite(value):
-            raise RuntimeError(f"training loss became {value} at step {state.step}")
-        elapsed = time.perf_counter() - start
-        state.step += 1
+        value = _optimiser_step(model, ddp, opt, batch, autocast, t.grad_clip, world, state.step)
         session_step += 1
-        state.train_seconds += elapsed
-        if session_step > 2:  # the first steps of a session warm up kernels and caches
-            state.timed_seconds += elapsed
-            state.timed_tokens += batch.numel() * world.size
-        window.append(value)
-        if state.step % t.log_every == 0 or state.step == t.steps:
-            state.curve["step"].append(state.step)
-            state.curve["loss"].append(sum(window) / len(window))
-            state.curve["lr"].append(lr)
-            speed = f"{state.tokens_per_s:.0f} tok/s" if state.tokens_per_s else "timing from step 3"
-            log(f"step {state.step}/{t.steps} loss {state.curve['loss'][-1]:.3f} ({speed})")
-            window.clear()
+        _record_step(state, config, value, lr, time.perf_counter() - start, batch.numel() * world.size,
+                     timed=session_step > 2, log=log)
         if state.step % t.val_every == 0 or state.step == t.steps:
-            validation()
-        matched()  # before this step's checkpoint: a resume never skips past it
+            _validation(model, state, validate, world, config, checkpoint, log)
+        # Before this step's checkpoint: a resume never skips past it.
+        _keep_matched(model, state, config, world, checkpoint)
         out_of_time = world.any(deadline is not None and time.monotonic() > deadline, device)
         if world.main and (state.step % t.checkpoint_every == 0 or state.step == t.steps or out_of_time):
             save_checkpoint(checkpoint, model, opt, state)
@@ -370,3 +332,64 @@ def train(
     world.barrier()  # rank 0's checkpoint is on disk before any rank goes on
     model.eval()
     return state
+
+
+def _optimiser_step(model: torch.nn.Module, ddp: torch.nn.Module, opt: torch.optim.Optimizer, batch: Tensor,
+                    autocast, grad_clip: float, world: World, step: int) -> float:
+    """One optimiser step on ``batch`` (``int64[B/N, T]``, this rank's share): the training
+    loss, averaged over ranks."""
+    with autocast:
+        loss = ddp(input_ids=batch, labels=batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    value = world.mean(loss.item(), batch.device)  # .item() synchronises: honest GPU timing
+    if not math.isfinite(value):
+        raise RuntimeError(f"training loss became {value} at step {step}")
+    return value
+
+
+def _record_step(state: TrainState, config: AblationConfig, value: float, lr: float, elapsed: float, tokens: int,
+                 *, timed: bool, log: Callable[[str], None]) -> None:
+    """Count one finished step in ``state`` (its loss ``value``, its ``elapsed`` seconds and,
+    when ``timed``, its ``tokens`` over all ranks), and every ``log_every`` steps add the
+    window's mean loss to the curve and log it."""
+    t = config.train
+    state.step += 1
+    state.train_seconds += elapsed
+    if timed:  # the first steps of a session warm up kernels and caches
+        state.timed_seconds += elapsed
+        state.timed_tokens += tokens
+    state.window.append(value)
+    if state.step % t.log_every == 0 or state.step == t.steps:
+        state.curve["step"].append(state.step)
+        state.curve["loss"].append(sum(state.window) / len(state.window))
+        state.curve["lr"].append(lr)
+        speed = f"{state.tokens_per_s:.0f} tok/s" if state.tokens_per_s else "timing from step 3"
+        log(f"step {state.step}/{t.steps} loss {state.curve['loss'][-1]:.3f} ({speed})")
+        state.window.clear()
+
+
+def _validation(model: torch.nn.Module, state: TrainState, validate: Validate | None, world: World,
+                config: AblationConfig, checkpoint: Path, log: Callable[[str], None]) -> None:
+    """Score the model at ``state.step`` (rank 0, once per step) and, the first time it
+    reaches the criterion, keep its weights in ``checkpoint.parent / "criterion"``."""
+    if validate is None or not world.main or (state.val["step"] and state.val["step"][-1] == state.step):
+        return
+    scores = validate(model)
+    model.train()
+    for key in ("digit_nll", "exact"):
+        state.val[key].append(scores[key])
+    state.val["step"].append(state.step)
+    log(f"step {state.step}: validation digit loss {scores['digit_nll']:.3f}, exact {scores['exact']:.2f}")
+    if state.criterion_step is None and scores["exact"] >= config.train.criterion:
+        state.criterion_step = state.step
+        save_checkpoint(checkpoint.parent / CRITERION, model, None, state)
+
+
+def _keep_matched(model: torch.nn.Module, state: TrainState, config: AblationConfig, world: World,
+                  checkpoint: Path) -> None:
+    """At the matched-stage step, keep the weights in ``checkpoint.parent / "matched"`` (rank 0)."""
+    if world.main and state.criterion_step is not None and matched_step(config, state.criterion_step) == state.step:
+        save_checkpoint(checkpoint.parent / MATCHED, model, None, state)

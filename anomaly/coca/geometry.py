@@ -49,32 +49,14 @@ OWNER = "anomaly.coca.geometry"
 
 def main(argv: Sequence[str] | None = None) -> int | None:
     from anomaly import model_surgery
-    from anomaly.cli import ArgumentParser, check_memory, layer_progress, transformers_bars
+    from anomaly.cli import check_memory, layer_progress, transformers_bars
     from anomaly.coca.hf import CONFIG_KEY
     from anomaly.corpus import default_document
     from anomaly.io import write_json
     from anomaly.models import BUNDLED, check_rope_config, load_config, load_model, load_tokenizer
     from anomaly.outputs import claim_file
 
-    ap = ArgumentParser(prog="python -m anomaly.coca.geometry", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="HF folder, .gguf file or CoCA checkpoint (default: bundled SmolLM2)")
-    ap.add_argument("--tokens", type=int, default=512, help="tokens of Hamlet whose contents are used")
-    ap.add_argument("--distances", type=int, nargs="+", default=[1, 16, 256])
-    ap.add_argument("--positions", type=int, default=4096, help="absolute key positions 0..N (step 16)")
-    ap.add_argument("--pairs", type=int, default=64, help="content pairs per layer and distance")
-    ap.add_argument("--json", type=Path, help="write the per-layer results here")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars (ours and transformers' weight loading)")
-    args = ap.parse_args(argv)
-    # Every check that needs no weights comes first: loading and measuring take minutes.
-    if args.tokens < 2:
-        raise UserError(f"--tokens must be at least 2, got {args.tokens}")
-    if args.pairs < 1:
-        raise UserError(f"--pairs must be at least 1, got {args.pairs}")
-    if args.positions < 1:
-        raise UserError(f"--positions must be at least 1 (key positions 0..N in steps of 16), got {args.positions}")
-    if min(args.distances) < 1 or max(args.distances) >= args.tokens:
-        raise UserError("every --distances value must be at least 1 and below --tokens "
-                        f"({args.tokens}); raise --tokens or drop the long distances")
+    args = _arguments(argv)
     target = claim_file(args.json, OWNER, flag="--json") if args.json else None
     name = args.model or BUNDLED
     config = load_config(name)
@@ -104,18 +86,49 @@ def main(argv: Sequence[str] | None = None) -> int | None:
                                              "layers": layers, **summary})
     source = f"trained CoCA ({variant})" if variant else "unconverted: k_proj stands in for T"
     print(f"Slack CoCA geometry of {name} ({source}), {ids.shape[1]} tokens of Hamlet")
-    print("| layer | " + " | ".join(f"spread/|rel| @ s={s} (median, p90)" for s in args.distances) + " | case-(d) share |")
-    print("| ---: |" + " ---: |" * (len(args.distances) + 1))
+    _print_table(layers, summary, args.distances)
+    if target is not None:
+        print(f"wrote {args.json}")
+    return None
+
+
+def _arguments(argv: Sequence[str] | None):
+    """The parsed command line, checked: every check that needs no weights comes first, as
+    loading and measuring take minutes."""
+    from anomaly.cli import ArgumentParser
+
+    ap = ArgumentParser(prog="python -m anomaly.coca.geometry", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="HF folder, .gguf file or CoCA checkpoint (default: bundled SmolLM2)")
+    ap.add_argument("--tokens", type=int, default=512, help="tokens of Hamlet whose contents are used")
+    ap.add_argument("--distances", type=int, nargs="+", default=[1, 16, 256])
+    ap.add_argument("--positions", type=int, default=4096, help="absolute key positions 0..N (step 16)")
+    ap.add_argument("--pairs", type=int, default=64, help="content pairs per layer and distance")
+    ap.add_argument("--json", type=Path, help="write the per-layer results here")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars (ours and transformers' weight loading)")
+    args = ap.parse_args(argv)
+    if args.tokens < 2:
+        raise UserError(f"--tokens must be at least 2, got {args.tokens}")
+    if args.pairs < 1:
+        raise UserError(f"--pairs must be at least 1, got {args.pairs}")
+    if args.positions < 1:
+        raise UserError(f"--positions must be at least 1 (key positions 0..N in steps of 16), got {args.positions}")
+    if min(args.distances) < 1 or max(args.distances) >= args.tokens:
+        raise UserError("every --distances value must be at least 1 and below --tokens "
+                        f"({args.tokens}); raise --tokens or drop the long distances")
+    return args
+
+
+def _print_table(layers: list, summary: dict, distances: Sequence[int]) -> None:
+    """The per-layer spreads and case-(d) shares as a Markdown table, then their summary."""
+    print("| layer | " + " | ".join(f"spread/|rel| @ s={s} (median, p90)" for s in distances) + " | case-(d) share |")
+    print("| ---: |" + " ---: |" * (len(distances) + 1))
     for r in layers:
-        cells = " | ".join(f"{r.relative_spread[s][0]:.2f}, {r.relative_spread[s][1]:.2f}" for s in args.distances)
+        cells = " | ".join(f"{r.relative_spread[s][0]:.2f}, {r.relative_spread[s][1]:.2f}" for s in distances)
         print(f"| {r.layer} | {cells} | {sum(r.case_d_fraction) / len(r.case_d_fraction):.3f} |")
     overall, case_d = summary["overall_median_spread"], summary["mean_case_d_share"]
     print("median over layers of the per-layer median spread/|relative|: "
           + ", ".join(f"s={s}: {v:.2f}" for s, v in overall.items())
           + f"; mean slack case-(d) share: {case_d:.3f} (strict: 0)")
-    if target is not None:
-        print(f"wrote {args.json}")
-    return None
 
 
 if __name__ == "__main__":

@@ -143,6 +143,34 @@ def _default_out(model: str) -> Path:
     return Path("runs") / "probe" / safe
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse out-of-range numbers before anything is read or loaded."""
+    if args.tokens is not None and args.tokens < 2:
+        raise UserError(f"--tokens must be at least 2, got {args.tokens}")
+    if args.bins < 2:
+        raise UserError(f"--bins must be at least 2, got {args.bins}")
+    if args.train_length is not None and not 7 <= args.train_length <= MAX_TRAIN_LENGTH:
+        raise UserError(f"--train-length must be at least 7 tokens (below 2π tokens no slice turns "
+                        f"once, so there is no critical dimension) and at most {MAX_TRAIN_LENGTH}, "
+                        f"got {args.train_length}")
+
+
+def _write(args: argparse.Namespace, result: ProbeResult, target: OutputDir, extra: dict, *,
+           from_ablation: bool) -> None:
+    """``summary.json``, ``arrays.npz`` and (unless ``--no-figures``) the figures, moved into
+    ``target`` together, with the provenance of this command (``extra``: how it ran)."""
+    prov = Provenance.from_argv(model=args.model, extra=extra)
+    if from_ablation and prov.code:  # the files that loaded the model (imported by name, so not in the walk)
+        prov.code = dict(sorted({**prov.code, **code_version(ABLATION_CHECKPOINT)}.items()))
+    with target.writing() as tmp:
+        np.savez_compressed(tmp / "arrays.npz", **result.arrays())
+        write_json(tmp / "summary.json", {**result.to_json(), "provenance": prov})
+        if not args.no_figures:
+            from anomaly.probe.plots import save_all
+
+            save_all(result, tmp, prov)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from anomaly.plotting.style import use_file_backend
@@ -154,14 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from anomaly.probe.core import probe
 
-    if args.tokens is not None and args.tokens < 2:
-        raise UserError(f"--tokens must be at least 2, got {args.tokens}")
-    if args.bins < 2:
-        raise UserError(f"--bins must be at least 2, got {args.bins}")
-    if args.train_length is not None and not 7 <= args.train_length <= MAX_TRAIN_LENGTH:
-        raise UserError(f"--train-length must be at least 7 tokens (below 2π tokens no slice turns "
-                        f"once, so there is no critical dimension) and at most {MAX_TRAIN_LENGTH}, "
-                        f"got {args.train_length}")
+    _check_args(args)
     text, text_name = _read_text(args.text)
     target = _claim_out(args)
     device = resolve_device(args.device)
@@ -198,17 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result, source=loaded.source, note=loaded.note, text=text_name, device=str(device),
         dtype=str(dtype).removeprefix("torch."),
     )
-    prov = Provenance.from_argv(model=args.model, extra={"device": str(device), "dtype": str(dtype), "text": text_name,
-                                                         "tokens": args.tokens, "note": loaded.note})
-    if ablation and prov.code:  # the files that loaded the model (imported by name, so not in the walk)
-        prov.code = dict(sorted({**prov.code, **code_version(ABLATION_CHECKPOINT)}.items()))
-    with target.writing() as tmp:
-        np.savez_compressed(tmp / "arrays.npz", **result.arrays())
-        write_json(tmp / "summary.json", {**result.to_json(), "provenance": prov})
-        if not args.no_figures:
-            from anomaly.probe.plots import save_all
-
-            save_all(result, tmp, prov)
+    extra = {"device": str(device), "dtype": str(dtype), "text": text_name, "tokens": args.tokens, "note": loaded.note}
+    _write(args, result, target, extra, from_ablation=bool(ablation))
     print(f"loaded the model in {load_s:.1f} s")
     print(_report(result, args.model, text_name, probe_s, target))
     if loaded.note:
