@@ -15,10 +15,12 @@ distance over the whole context.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+from torch import Tensor, nn
 
+from anomaly.probe.core import probe
 from anomaly.probe.result import ProbeResult
 
 
@@ -77,10 +79,27 @@ class Readings:
 
     @classmethod
     def from_json(cls, data: dict) -> "Readings":
-        return cls(**{**data, "groups": [GroupReadings(**g) for g in data["groups"]]})
+        """The inverse of :meth:`to_json` after a JSON round trip: a float written as
+        ``null`` (how :func:`anomaly.io.write_json` writes NaN) is NaN again."""
+        groups = [GroupReadings(**_nan_back(GroupReadings, g)) for g in data["groups"]]
+        return cls(**{**_nan_back(cls, data), "groups": groups})
 
     def group(self, label: str) -> GroupReadings | None:
         return next((g for g in self.groups if g.label == label), None)
+
+
+def _nan_back(cls: type, data: dict) -> dict:
+    """``data`` with ``None`` turned back into NaN in ``cls``'s float fields (and in its
+    lists of floats); ``None`` stays where the field may be ``None`` (a group's window)."""
+    out = dict(data)
+    for f in fields(cls):
+        if f.name not in out:
+            continue
+        if f.type == "float" and out[f.name] is None:
+            out[f.name] = math.nan
+        elif f.type == "list[float]":
+            out[f.name] = [math.nan if v is None else v for v in out[f.name]]
+    return out
 
 
 def base_label(inv_freq: np.ndarray, rotary_dim: int) -> str:
@@ -138,3 +157,10 @@ def readings(result: ProbeResult) -> Readings:
         layers=list(result.layer_indices),
         groups=groups,
     )
+
+
+def measure(model: nn.Module, input_ids: Tensor, model_name: str) -> Readings:
+    """Probe ``model`` on ``input_ids`` (``[T]``) with the atlas's settings, the probe's
+    defaults, and read it. Here rather than in the command so that the code hash that keys a
+    saved cell (:mod:`anomaly.probe.atlas.cells`) covers every setting of the probe."""
+    return readings(probe(model, input_ids, model_name=model_name))
