@@ -35,7 +35,6 @@ LONG_FUNCTIONS: dict[str, str] = {
                                            "and another helper's file this session",
     "anomaly/probe/stats.py:_case_d": "numerical kernel (case-(d) counts and sums over every causal pair), "
                                       "and another helper's file this session",
-    "anomaly/probe/atlas/cli.py:main": "another helper's package this session; not split here",
     "anomaly/coca/attention.py:coca_attention": "numerical kernel: one fused attention call; 27 of its lines "
                                                 "are the argument contract in its docstring",
 }
