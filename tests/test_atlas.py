@@ -17,11 +17,12 @@ import torch
 from anomaly import replication
 from anomaly.analytic import CHANCE_FRACTION
 from anomaly.corpus import Document
+from anomaly.errors import UserError
 from anomaly.io import write_json
 from anomaly.outputs import MANIFEST
 from anomaly.probe.atlas.cells import CELLS, CellKey, CellStore
 from anomaly.probe.atlas.readings import GroupReadings, Readings, readings
-from anomaly.probe.atlas.tables import ALL, Cell, compare, markdown
+from anomaly.probe.atlas.tables import ALL, Cell, compare, load_cells, markdown
 from anomaly.probe.atlas.texts import Text
 
 # --------------------------------------------------------------------------------------
@@ -283,6 +284,13 @@ def test_cli_writes_the_atlas_and_resumes(tiny_models, counted, tmp_path, capsys
     assert "## Models compared on the same texts" in (out / "atlas.md").read_text()
     assert _owned(out) == {n: "anomaly.probe.atlas" for n in ["atlas.json", "atlas.md", CELLS]}
     assert len(list((out / CELLS).glob("*.json"))) == 8
+    # atlas.json alone gives the comparison back (to its stored digits), texts checked.
+    again = compare(load_cells(record)).to_json()
+    for got, want in zip(again["rows"], record["atlas"]["rows"], strict=True):
+        assert got["verdict"] == want["verdict"] and got["mean"] == pytest.approx(want["mean"], rel=1e-5)
+    record["texts"][0]["sha256"] = "0" * 64
+    with pytest.raises(UserError, match="differs from the one the atlas probed"):
+        load_cells(record)
     # The same command again: every cell reused, no model loaded, the same atlas.json.
     before = (out / "atlas.json").read_bytes()
     assert _atlas(tiny_models, out, "--no-figures") == 0

@@ -166,6 +166,16 @@ def _contrast(what: str, model: str, tokens: int | str, group: str, reading: str
                     test.low, test.high, test.p, test.mde, word)
 
 
+def load_cells(record: dict) -> list[Cell]:
+    """The cells of a written ``atlas.json`` (its parsed ``record``), texts checked against
+    the corpus: ``compare(load_cells(record))`` gives its comparison again, for a notebook
+    or a new figure, without probing."""
+    texts = {t["name"]: Text.from_json(t) for t in record["texts"]}
+    skip = ("model", "text", "kind")
+    return [Cell(c["model"], texts[c["text"]], Readings.from_json({k: v for k, v in c.items() if k not in skip}))
+            for c in record["cells"]]
+
+
 def compare(cells: list[Cell]) -> Atlas:
     """The atlas of ``cells`` (every model × length × text probed)."""
     atlas = Atlas()

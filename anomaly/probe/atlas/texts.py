@@ -39,6 +39,20 @@ class Text:
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "sha256": self.sha256}
 
+    @classmethod
+    def from_json(cls, data: dict) -> "Text":
+        """The text an ``atlas.json`` records, found again in this machine's corpus; refused
+        (one line) where the corpus lacks it or holds other bytes under its name."""
+        doc = next((d for d in KINDS[data["kind"]]() if d.name == data["name"]), None)
+        if doc is None:
+            raise UserError(f"{data['name']} is not in the bundled {data['kind']} corpus here; "
+                            "reinstall the corpora (python3 dev.py test sets them up)")
+        text = cls(doc, data["kind"], hashlib.sha256(doc.path.read_bytes()).hexdigest())
+        if text.sha256 != data["sha256"]:
+            raise UserError(f"{data['name']} here differs from the one the atlas probed (SHA-256); "
+                            "its readings belong to another version of the corpus")
+        return text
+
 
 def _order(seed: int, name: str) -> str:
     return hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()
