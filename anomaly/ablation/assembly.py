@@ -112,24 +112,19 @@ def _tables(per_variant: dict[str, list[dict]], scalings: list[str]) -> dict[str
 
 
 def _snapshots(config: AblationConfig, per_variant: dict[str, list[dict]]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Per variant, the "to criterion" and the matched-stage readings: each seed's step,
-    how many seeds reached it, and the summaries over those seeds."""
-    criterion: dict[str, dict] = {}
-    matched: dict[str, dict] = {}
-    for v, runs in per_variant.items():
-        reached = [r["criterion"] for r in runs if r["criterion"] is not None]
-        criterion[v] = {
-            "steps": [r["state"].criterion_step for r in runs],
-            "seeds_reached": sum(r["criterion"] is not None for r in runs),
-            **({k: val for k, val in _summaries(reached).items()} if reached else {}),
-        }
-        at_stage = [r["matched"] for r in runs if r["matched"] is not None]
-        matched[v] = {
-            "steps": [matched_step(config, r["state"].criterion_step) for r in runs],
-            "seeds_reached": len(at_stage),
-            **(_summaries(at_stage) if at_stage else {}),
-        }
+    """Per variant, the "to criterion" and the matched-stage readings (:func:`_reached`)."""
+    criterion = {v: _reached(runs, "criterion", [r["state"].criterion_step for r in runs])
+                 for v, runs in per_variant.items()}
+    matched = {v: _reached(runs, "matched", [matched_step(config, r["state"].criterion_step) for r in runs])
+               for v, runs in per_variant.items()}
     return criterion, matched
+
+
+def _reached(runs: list[dict], snapshot: str, steps: list[int | None]) -> dict:
+    """One variant's snapshot readings (``snapshot``: ``"criterion"`` or ``"matched"``):
+    each seed's step, how many seeds reached it, and the summaries over those seeds."""
+    reached = [r[snapshot] for r in runs if r[snapshot] is not None]
+    return {"steps": steps, "seeds_reached": len(reached), **(_summaries(reached) if reached else {})}
 
 
 def _training(config: AblationConfig, states: dict[str, list[TrainState]]) -> dict[str, list[dict]]:
