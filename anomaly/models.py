@@ -95,7 +95,9 @@ def bundled_gguf(name: str = BUNDLED) -> tuple[Path, str]:
     return bundled_file(name)
 
 
-def _gguf_location(name_or_path: str) -> tuple[Path, str] | None:
+def gguf_location(name_or_path: str) -> tuple[Path, str] | None:
+    """Folder and file name of the GGUF a bundled short name or a ``.gguf`` path loads;
+    ``None`` for anything else (a hub id or an HF folder); a missing file is refused."""
     if name_or_path in BUNDLED_MODELS:
         return bundled_gguf(name_or_path)
     path = Path(name_or_path).expanduser()
@@ -209,7 +211,7 @@ def load_config(name_or_path: str):
     folder's safetensors headers are checked too (:func:`check_safetensors`)."""
     from transformers import AutoConfig
 
-    gguf = _gguf_location(name_or_path)
+    gguf = gguf_location(name_or_path)
     if gguf is not None:
         with _reading_gguf(*gguf):
             return AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1], trust_remote_code=False)
@@ -252,7 +254,7 @@ def load_tokenizer(name_or_path: str):
     """
     from transformers import AutoTokenizer
 
-    gguf = _gguf_location(name_or_path)
+    gguf = gguf_location(name_or_path)
     if gguf is not None:
         with _reading_gguf(*gguf):
             return AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1])
@@ -292,7 +294,7 @@ def load_model(
     kwargs = dict(dtype=dt, trust_remote_code=False, attn_implementation=attn_implementation)
     if dev.type == "cuda":
         kwargs["device_map"] = "auto"
-    gguf = _gguf_location(name_or_path)
+    gguf = gguf_location(name_or_path)
     bundled = BUNDLED_MODELS.get(name_or_path)
     note = bundled.note if bundled else ""
     if gguf is not None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -222,8 +222,6 @@ class QuantisationResult:
     comparisons: list[Comparison] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        from dataclasses import asdict
-
         return {**asdict(self), "definitions": DEFINITIONS}
 
 
@@ -259,13 +257,12 @@ def compare(base: ProbeResult, other: ProbeResult) -> dict[str, float]:
     """The :class:`Comparison` differences of ``other``'s readings from ``base``'s (same tokens)."""
     if not np.array_equal(base.input_ids, other.input_ids):
         raise ValueError("the two probes read different tokens")
-    frac = np.abs(other.anomalous_fraction - base.anomalous_fraction)  # [L, H]
-    wfrac = np.abs(other.weighted_anomalous_fraction - base.weighted_anomalous_fraction)
+    wfrac = np.abs(other.weighted_anomalous_fraction - base.weighted_anomalous_fraction)  # [L, H]
     layer = lambda a, b: float(np.abs(a.mean(-1) - b.mean(-1)).max())  # noqa: E731 [L] means
     return {
         "max_layer_share": layer(other.anomalous_fraction, base.anomalous_fraction),
         "max_layer_weighted": layer(other.weighted_anomalous_fraction, base.weighted_anomalous_fraction),
-        "max_head_weighted": float(wfrac.max()) if frac.size else 0.0,
+        "max_head_weighted": float(wfrac.max()) if wfrac.size else 0.0,
         "flips": float(((other.tau > 0) != (base.tau > 0)).mean()),
     }
 
@@ -292,6 +289,7 @@ def measure(model: nn.Module, input_ids: torch.Tensor, types: dict[str, str], *,
     for kind in set(types.values()):
         grid(kind)  # refused before the first probe, not after
     base = probe(model, input_ids, model_name=model_name)
+    base_readings = readings(base)
     out = []
     for scheme, scope, seed in runs(schemes, scopes, seeds):
         params = scope_weights(model, scope)
@@ -301,14 +299,14 @@ def measure(model: nn.Module, input_ids: torch.Tensor, types: dict[str, str], *,
         if all(np.array_equal(new[n], w.numpy()) for n, w in original.items()):
             # The same weights give the same probe, bit for bit: no need to run it again
             # (``file`` on weights already on the file's grid).
-            out.append(Comparison(scheme, scope, seed, weight_error(original, new), readings(base),
+            out.append(Comparison(scheme, scope, seed, weight_error(original, new), base_readings,
                                   **compare(base, base)))
         else:
             out.append(_probe_perturbed(model, input_ids, params, original, new, base, model_name,
                                         scheme, scope, seed))
         if progress is not None:
             progress(f"{scheme}/{scope}" + (f"/seed {seed}" if seed is not None else ""))
-    return readings(base), out
+    return base_readings, out
 
 
 def _probe_perturbed(model: nn.Module, input_ids: torch.Tensor, params: dict[str, nn.Parameter],
@@ -386,18 +384,15 @@ OUTPUTS = ("quantisation.json", "quantisation.md")
 
 def _gguf_path(model: str) -> str:
     """The GGUF file of a bundled short name or a ``.gguf`` path; refuses anything else."""
-    from pathlib import Path
+    from anomaly.bundled import BUNDLED_MODELS
+    from anomaly.models import gguf_location
 
-    from anomaly.bundled import BUNDLED_MODELS, bundled_file
-
-    if model in BUNDLED_MODELS:
-        folder, name = bundled_file(model)
-        return str(folder / name)
-    path = Path(model).expanduser()
-    if path.suffix != ".gguf" or not path.is_file():
+    found = gguf_location(model)
+    if found is None:
         raise UserError(f"--model {model}: give a bundled GGUF model ({', '.join(BUNDLED_MODELS)}) or an "
                         "existing .gguf file; only a quantised model has a quantisation to measure")
-    return str(path)
+    folder, name = found
+    return str(folder / name)
 
 
 def _parser():

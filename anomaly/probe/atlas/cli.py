@@ -138,18 +138,25 @@ def plan_cells(args: argparse.Namespace) -> Plan:
     lengths = _lengths(args.models, sorted(set(args.tokens)))
     with transformers_bars(enabled=False):
         tokenizers = {name: load_tokenizer(name) for name in lengths}
-    texts = choose_texts(args.texts, lambda text: all(
-        _window(tokenizers[n], text, lengths[n][-1]) is not None for n in lengths), args.seed)
+    # One tokenisation per text and model, at the model's longest length: the check that a
+    # text is long enough and the cells' ids share it (a shorter window is its prefix).
+    windows: dict[tuple[str, str], torch.Tensor | None] = {}
+
+    def window(name: str, text: str) -> torch.Tensor | None:
+        if (name, text) not in windows:
+            windows[name, text] = _window(tokenizers[name], text, lengths[name][-1])
+        return windows[name, text]
+
+    texts = choose_texts(args.texts, lambda text: all(window(n, text) is not None for n in lengths), args.seed)
     code = code_key()
     cells: dict[str, list[Planned]] = {}
     for name, mine in lengths.items():
         identity = model_identity(name)
         cells[name] = []
         for text in texts:
-            # One tokenisation per text at the longest length; a shorter window is its prefix.
-            window = _window(tokenizers[name], text.document.read(), mine[-1])
+            ids_longest = window(name, text.document.read())
             for tokens in mine:
-                ids = window[:tokens]
+                ids = ids_longest[:tokens]
                 key = CellKey(name, identity, text.name, text.sha256, tokens, ids_sha256(ids),
                               str(dtype).removeprefix("torch."), device.type, code)
                 cells[name].append(Planned(text, ids, key))

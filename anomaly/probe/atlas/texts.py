@@ -47,11 +47,16 @@ class Text:
         if doc is None:
             raise UserError(f"{data['name']} is not in the bundled {data['kind']} corpus here; "
                             "reinstall the corpora (python3 dev.py test sets them up)")
-        text = cls(doc, data["kind"], hashlib.sha256(doc.path.read_bytes()).hexdigest())
+        text = cls(doc, data["kind"], _sha256(doc))
         if text.sha256 != data["sha256"]:
             raise UserError(f"{data['name']} here differs from the one the atlas probed (SHA-256); "
                             "its readings belong to another version of the corpus")
         return text
+
+
+def _sha256(doc: Document) -> str:
+    """Of the document's bytes (:attr:`Text.sha256`)."""
+    return hashlib.sha256(doc.path.read_bytes()).hexdigest()
 
 
 def _order(seed: int, name: str) -> str:
@@ -69,7 +74,7 @@ def choose_texts(per_kind: int, long_enough: Callable[[str], bool], seed: int = 
         for doc in docs:
             text = doc.read()
             if long_enough(text):
-                found.append(Text(doc, kind, hashlib.sha256(doc.path.read_bytes()).hexdigest()))
+                found.append(Text(doc, kind, _sha256(doc)))
                 if len(found) == per_kind:
                     break
         if len(found) < per_kind:
