@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from anomaly import replication
+from anomaly.verdicts import direction
 from anomaly.analytic import CHANCE_FRACTION
 from anomaly.corpus import Document
 from anomaly.errors import UserError
@@ -152,7 +153,7 @@ def test_compare_pairs_models_and_lengths_by_text():
         test = _paired(a, b)
         assert (c.estimate, c.low, c.high, c.p, c.mde) == pytest.approx((test.estimate, test.low, test.high,
                                                                          test.p, test.mde))
-        assert c.verdict == replication.direction(test, "lower in m2", "higher in m2", "texts", digits=3).text
+        assert c.verdict == direction(test, "lower in m2", "higher in m2", "texts", digits=3).text
         assert c.verdict.startswith("higher in m2 (n = 6 texts")
     # Lengths, longest against shortest, paired by text, for every group and reading.
     lengths = [c for c in atlas.lengths if c.model == "m1" and c.reading == "median_tau" and c.group == "base 1e4"]
@@ -162,14 +163,14 @@ def test_compare_pairs_models_and_lengths_by_text():
         b = _by_text(cells, c.model, 64, c.reading, c.group)
         test = _paired(a, b)
         assert c.what == "128 − 64 tokens" and c.estimate == pytest.approx(test.estimate)
-        assert c.verdict == replication.direction(test, "lower at the longer length", "higher at the longer length",
+        assert c.verdict == direction(test, "lower at the longer length", "higher at the longer length",
                                                   "texts", digits=3).text
     # Rows against chance, by kind too; τ has no chance level.
     row = atlas.row("m1", 64, ALL, "share")
     values = _by_text(cells, "m1", 64)
     test = _paired(values, {n: CHANCE_FRACTION for n in values})
     assert row.mean == pytest.approx(np.mean(list(values.values()))) and row.p == pytest.approx(test.p)
-    assert row.verdict == replication.direction(test, "below chance", "above chance", "texts", digits=3).text
+    assert row.verdict == direction(test, "below chance", "above chance", "texts", digits=3).text
     assert len(atlas.row("m1", 64, ALL, "share", "prose").values) == 3
     assert atlas.row("m1", 64, "base 1e4", "median_tau").p is None
     assert atlas.row("m1", 64, ALL, "median_tau") is None  # the whole model has share and weighted only

@@ -23,18 +23,14 @@ MAX_FUNCTION_LINES = 60
 
 LONG_MODULES: dict[str, str] = {
     # path relative to the repository -> why it may exceed MAX_MODULE_LINES
-    "anomaly/replication.py": "not split yet (516 lines): one topic, statistics with the replication as "
-                              "the unit, in sections that could become modules; every ablation figure and "
-                              "the atlas hash it, and the atlas was being produced while this list was made",
 }
 
 LONG_FUNCTIONS: dict[str, str] = {
     # "path:qualified name" -> why it may exceed MAX_FUNCTION_LINES
-    "anomaly/probe/core.py:probe": "another helper was reworking the probe's core this session; not split here",
-    "anomaly/probe/sweep.py:_sweep_group": "numerical kernel (the chunked sweep over pairs of one head group), "
-                                           "and another helper's file this session",
-    "anomaly/probe/stats.py:_case_d": "numerical kernel (case-(d) counts and sums over every causal pair), "
-                                      "and another helper's file this session",
+    "anomaly/probe/sweep.py:_sweep_group": "numerical kernel: the chunked sweep over the pairs of one head "
+                                           "group, one loop whose body shares its chunk's buffers",
+    "anomaly/probe/stats.py:_case_d": "numerical kernel: case-(d) counts and weights over every causal pair "
+                                      "in one pass, split only by hiding its loop",
     "anomaly/coca/attention.py:coca_attention": "numerical kernel: one fused attention call; 27 of its lines "
                                                 "are the argument contract in its docstring",
 }

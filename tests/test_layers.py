@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("maths: rope", ("anomaly.rope",)),
     ("plumbing", (
         "anomaly", "anomaly.errors", "anomaly.cli", "anomaly.io", "anomaly.outputs", "anomaly.sameness",
-        "anomaly.plotting", "anomaly.corpus", "anomaly.replication",
+        "anomaly.plotting", "anomaly.corpus", "anomaly.replication", "anomaly.verdicts",
     )),
 )
 """The layer table. A name covers the module and, for a package, everything in it; the

@@ -15,6 +15,7 @@ import pytest
 
 from anomaly.ablation import analysis
 from anomaly import replication as st
+from anomaly.verdicts import verdict
 
 COMMITTED = Path(__file__).resolve().parent.parent / "results" / "ablation_cpu.json"
 
@@ -156,7 +157,7 @@ def test_fisher_on_a_two_by_two_table_by_hand():
     assert c.min_p == pytest.approx(0.1)  # [[3, 0], [0, 3]]: 2 / C(6, 3)
     assert c.mde == math.inf  # no outcome of 3 vs 3 seeds reaches 0.05
     assert not c.excludes_null
-    assert st.verdict(c, +1).text == ("not distinguishable with 3 seeds (no difference is detectable: "
+    assert verdict(c, +1).text == ("not distinguishable with 3 seeds (no difference is detectable: "
                                       "the exact test cannot go below p = 0.1 with 3 seeds)")
 
 
@@ -177,17 +178,17 @@ def _paired(diffs):
 def test_verdict_rule_three_outcomes():
     up = _paired([0.9, 1.1, 1.0, 1.2, 0.8, 1.05, 0.95])  # 7 seeds, all positive: p = 2/128
     assert up.p == pytest.approx(2 / 128) and up.excludes_null
-    assert st.verdict(up, +1).word == "agrees"
-    assert st.verdict(up, -1).word == "contradicts"
-    assert st.verdict(up, 0).word == "contradicts"  # a claimed "no difference" is contradicted
+    assert verdict(up, +1).word == "agrees"
+    assert verdict(up, -1).word == "contradicts"
+    assert verdict(up, 0).word == "contradicts"  # a claimed "no difference" is contradicted
     three = _paired([0.9, 1.1, 1.0])  # interval excludes 0 but the exact p cannot go below 0.25
     assert three.excludes_null and three.p == pytest.approx(0.25)
-    v = st.verdict(three, +1)
+    v = verdict(three, +1)
     assert v.word == "not distinguishable"
     assert v.text.startswith(f"not distinguishable with 3 seeds (80 % power to detect |Δ| ≥ {three.mde:.2f}")
     assert "cannot go below p = 0.25" in v.text
     mixed = _paired([0.5, -0.4, 0.3, -0.2, 0.1, 0.4, -0.3])
-    assert st.verdict(mixed, +1).word == "not distinguishable"
+    assert verdict(mixed, +1).word == "not distinguishable"
 
 
 # ----------------------------------------------------------------------- time to event
@@ -249,7 +250,7 @@ def test_committed_run_verdicts_follow_the_rule(committed):
     cannot go below 0.25), however far the t-interval is from 0."""
     for key in analysis.READINGS:
         for c in analysis.variant_contrasts(committed, key, "none"):
-            assert st.verdict(c.stat, +1).word == "not distinguishable"
+            assert verdict(c.stat, +1).word == "not distinguishable"
     ppl = {c.length: c.stat for c in analysis.variant_contrasts(committed, "ppl", "none")
            if (c.a, c.b) == ("coca_slack", "rope")}
     assert all(max(s.differences) < 0 for n, s in ppl.items() if n >= 256)  # slack lower in 3/3 seeds, 2×–16×

@@ -31,8 +31,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from anomaly import variants as registry
 from anomaly import replication as st
+from anomaly import variants as registry
+from anomaly.verdicts import verdict
 from anomaly.ablation.results import (  # noqa: F401  (re-exported: notebooks and tests read them here)
     MATCHED_STAGE, READINGS, REQUIRED_KEYS, SNAPSHOTS, TABLE_SHAPES, TO_CRITERION, check_results, criterion_of,
     criterion_reached, floats, grid_per_seed, load_results, mean_grid, panels_of, per_seed, scalings_of,
@@ -337,14 +338,14 @@ def markdown_table(results: dict, key: str = "ppl", panels: Sequence[str] | None
 
 def contrast_line(c: Contrast, expected: int | None = None, digits: int = 2) -> str:
     """``"slack − RoPE, none, 256: +0.43 [−0.63, 1.49], seeds +0.87 · +0.42 · +0.01, sign-flip p = 0.25"``,
-    with the verdict of :func:`anomaly.replication.verdict` when ``expected`` is given."""
+    with the verdict of :func:`anomaly.verdicts.verdict` when ``expected`` is given."""
     p = c.stat
     diffs = " · ".join(f"{d:+.{digits}f}" for d in p.differences)
     interval = f"[{_number(p.low, digits)}, {_number(p.high, digits)}]" if p.n > 1 else "(one seed)"
     text = (f"{c.a} − {c.b}, {c.panel}, {c.length}: {p.estimate:+.{digits}f} {interval}, "
             f"seeds {', '.join(map(str, p.seeds))}: {diffs}, sign-flip p = {p.p:.2g}")
     if expected is not None:
-        text += f" → {st.verdict(p, expected, digits=digits).text}"
+        text += f" → {verdict(p, expected, digits=digits).text}"
     return text
 
 
@@ -377,7 +378,7 @@ def _learned_section(results: dict) -> list[str]:
     out += ["", "| a vs b | Fisher's exact p | smallest p possible | verdict rule |", "|---|---|---|---|"]
     for a, b, c in learned_comparisons(results):
         out.append(f"| {variant_label(a)} vs {variant_label(b)} | {c.p:.2g} | {c.min_p:.2g} | "
-                   f"{st.verdict(c, +1).text} |")
+                   f"{verdict(c, +1).text} |")
     return out
 
 

@@ -31,6 +31,7 @@ Definitions (docs/conventions.md §2–3), for layer ``l``, query head ``h`` (it
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 
 from anomaly import analytic, variants
 from anomaly.model_surgery import config_of, rope_base_of, scaling_record, train_length_of
-from anomaly.probe.activations import LayerCapture, capture, rotated_heads
+from anomaly.probe.activations import Capture, LayerCapture, capture, rotated_heads
 from anomaly.probe.coca import ZERO_ANGLE_TOL, effective_layer, model_variant
 from anomaly.probe.result import ProbeResult, SlackGeometry
 from anomaly.probe.slack_geometry import measure_layer
@@ -140,6 +141,53 @@ def _slack_setup(tokens: int, train_length: int) -> tuple[list[int], torch.Tenso
     return distances, torch.arange(0, span, step), f"0..{span - 1} step {step}"
 
 
+@dataclass
+class _LayerCollector:
+    """What :func:`probe` keeps of each layer as the forward reaches it: ``capture``'s
+    ``on_layer``, so a layer's q/k are reduced to statistics and freed before the next."""
+
+    variant: variants.Variant
+    tokens: int  # T, the probed sequence's length
+    bins: int
+    train_length: int
+    progress: Callable[[int], None] | None
+    per_layer: list[dict[str, np.ndarray]] = field(default_factory=list)  # [L] layer_statistics
+    indices: list[int] = field(default_factory=list)  # [L] the model's layer index
+    windows: list[int | None] = field(default_factory=list)  # [L] a window shorter than T, else None
+    slack_layers: list = field(default_factory=list)  # [L] slack models' position dependence
+
+    def __post_init__(self) -> None:
+        if self.variant.slack_geometry:
+            self.distances, self.positions, self.described = _slack_setup(self.tokens, self.train_length)
+            self.generator = torch.Generator().manual_seed(0)
+
+    @property
+    def zero_angle_tol(self) -> float:
+        return ZERO_ANGLE_TOL if self.variant.coca else 0.0
+
+    def __call__(self, layer: LayerCapture) -> None:
+        coca = self.variant.coca  # CoCA's form of the layers; None: plain attention, read as captured
+        if layer.coca_variant != coca:  # the capture and the model disagree: never guess
+            raise RuntimeError(f"layer {layer.index} was captured as {layer.coca_variant or 'RoPE'}, "
+                               f"but the model is {self.variant.name}")
+        if self.variant.slack_geometry:  # from the raw projections
+            self.slack_layers.append(measure_layer(layer, distances=self.distances, positions=self.positions,
+                                                   pairs=SLACK_PAIRS, generator=self.generator))
+        if coca is not None:
+            layer = effective_layer(layer)
+        self.per_layer.append(layer_statistics(layer, self.bins, self.zero_angle_tol))
+        self.indices.append(layer.index)
+        w = layer.sliding_window
+        self.windows.append(w if w is not None and w < self.tokens else None)
+        if self.progress is not None:
+            self.progress(layer.index)
+
+    def slack(self) -> SlackGeometry | None:
+        if not self.variant.slack_geometry:
+            return None
+        return SlackGeometry(self.slack_layers, self.distances, self.described, SLACK_PAIRS)
+
+
 def probe(
     model: nn.Module,
     input_ids: Tensor,
@@ -177,52 +225,35 @@ def probe(
             CoCA checkpoint loaded without its CoCA layers.
     """
     ids = torch.as_tensor(input_ids).reshape(-1)
-    t = ids.numel()
-    if t < 2:
+    if ids.numel() < 2:
         raise ValueError("probe needs at least two tokens (one causal pair)")
-    variant = variants.variant(model_variant(model))
-    coca = variant.coca  # CoCA's form of the layers; None: plain attention, read as captured
-    tol = ZERO_ANGLE_TOL if coca else 0.0
     config = config_of(model)
-    train = int(train_length or train_length_of(config))
-    per_layer: list[dict[str, np.ndarray]] = []
-    indices: list[int] = []
-    windows: list[int | None] = []  # [L]: a sliding window shorter than the sequence, else None
-    slack_layers = []
-    if variant.slack_geometry:
-        distances, positions, described = _slack_setup(t, train)
-        generator = torch.Generator().manual_seed(0)
+    collector = _LayerCollector(variants.variant(model_variant(model)), ids.numel(), bins,
+                                int(train_length or train_length_of(config)), progress)
+    cap = capture(model, ids, on_layer=collector)
+    return _result(collector, cap, config, ids, max_peak_distance,
+                   model_name or getattr(config, "_name_or_path", None) or config.model_type)
 
-    def on_layer(layer: LayerCapture) -> None:
-        if layer.coca_variant != coca:  # the capture and the model disagree: never guess
-            raise RuntimeError(f"layer {layer.index} was captured as {layer.coca_variant or 'RoPE'}, "
-                               f"but the model is {variant.name}")
-        if variant.slack_geometry:  # from the raw projections
-            slack_layers.append(measure_layer(layer, distances=distances, positions=positions,
-                                              pairs=SLACK_PAIRS, generator=generator))
-        if coca is not None:
-            layer = effective_layer(layer)
-        per_layer.append(layer_statistics(layer, bins, tol))
-        indices.append(layer.index)
-        windows.append(layer.sliding_window if layer.sliding_window is not None and layer.sliding_window < t else None)
-        if progress is not None:
-            progress(layer.index)
 
-    cap = capture(model, ids, on_layer=on_layer)
-    arrays = {key: np.stack([p[key] for p in per_layer]) for key in per_layer[0]}
+def _result(collector: _LayerCollector, cap: Capture, config, ids: Tensor, max_peak_distance: int | None,
+            model_name: str) -> ProbeResult:
+    """The :class:`ProbeResult` of a finished capture: per-layer arrays stacked, summaries derived."""
+    t = collector.tokens
+    arrays = {key: np.stack([p[key] for p in collector.per_layer]) for key in collector.per_layer[0]}
     j = arrays["inv_freq"].shape[-1]
     pairs = arrays.pop("pairs")  # [L]: pairs per slice each layer scores
     peak_window = max(1, min(max_peak_distance or t // 2, t - 1))
     # A sliding layer's peak is sought among the distances it scores.
-    peak_windows = [max(1, min(peak_window, w - 1)) if w else peak_window for w in windows]
+    peak_windows = [max(1, min(peak_window, w - 1)) if w else peak_window for w in collector.windows]
     d_rot = 2 * j
     base = rope_base_of(config)
+    train = collector.train_length
     return ProbeResult(
-        model=model_name or getattr(config, "_name_or_path", None) or config.model_type,
+        model=model_name,
         model_type=config.model_type,
-        kind=variant.name,
-        layers=len(per_layer),
-        layer_indices=indices,
+        kind=collector.variant.name,
+        layers=len(collector.per_layer),
+        layer_indices=collector.indices,
         heads=cap.n_heads,
         kv_heads=cap.n_kv_heads,
         head_dim=cap.head_dim,
@@ -233,17 +264,17 @@ def probe(
         rope_scaling=scaling_record(config),
         train_length=train,
         critical_dimension=analytic.critical_dimension(d_rot, base, train),
-        theta_bins=bins,
-        zero_angle_tolerance=tol,
+        theta_bins=collector.bins,
+        zero_angle_tolerance=collector.zero_angle_tol,
         logit_peak_window=peak_window,
-        sliding_window=windows,
+        sliding_window=collector.windows,
         anomalous_fraction=arrays["count_d"].sum(-1) / (j * pairs[:, None]),
         weighted_anomalous_fraction=arrays["weight_d"].sum(-1) / np.maximum(arrays["weight_all"].sum(-1), 1e-300),
         logit_peak_distance=np.stack([1 + arrays["mean_logit"][l, :, 1 : w + 1].argmax(-1)
                                       for l, w in enumerate(peak_windows)]),
         rotations=analytic.rotations(torch.from_numpy(arrays["inv_freq"]), train).numpy(),
-        slack=SlackGeometry(slack_layers, distances, described, SLACK_PAIRS) if variant.slack_geometry else None,
-        definitions=definitions(variant.name),
+        slack=collector.slack(),
+        definitions=definitions(collector.variant.name),
         **arrays,
     )
 

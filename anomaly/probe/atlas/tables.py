@@ -5,7 +5,7 @@ Every statistic is :mod:`anomaly.replication`'s: a reading's mean over texts wit
 Student-t 95 % interval and the exact sign-flip test of its difference from chance (1/2 for
 a share), or of a paired difference (two models on the same texts, one model at two lengths
 of the same texts). A difference is *established* only where the interval and the exact
-test both exclude none (:func:`anomaly.replication.direction`); otherwise the table gives
+test both exclude none (:func:`anomaly.verdicts.direction`); otherwise the table gives
 the smallest difference the texts could have shown with 80 % power.
 """
 
@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import combinations
 
 from anomaly import replication
+from anomaly.verdicts import direction
 from anomaly.analytic import CHANCE_FRACTION
 from anomaly.probe.atlas.readings import Readings
 from anomaly.probe.atlas.texts import Text
@@ -146,7 +147,7 @@ def _row(model: str, tokens: int, group: str, reading: str, texts: str, values: 
     m = replication.seed_mean(per)
     if reading in SHARES:
         test = replication.paired(per, {i: CHANCE_FRACTION for i in per})
-        word = replication.direction(test, "below chance", "above chance", "texts", digits=3).text
+        word = direction(test, "below chance", "above chance", "texts", digits=3).text
         p = test.p
     else:
         word, p = "", None
@@ -161,7 +162,7 @@ def _contrast(what: str, model: str, tokens: int | str, group: str, reading: str
         return None
     idx = {n: i for i, n in enumerate(common)}
     test = replication.paired({idx[n]: a[n] for n in common}, {idx[n]: b[n] for n in common})
-    word = replication.direction(test, below, above, "texts", digits=3).text
+    word = direction(test, below, above, "texts", digits=3).text
     return Contrast(what, model, tokens, group, reading, {n: a[n] - b[n] for n in common}, test.estimate,
                     test.low, test.high, test.p, test.mde, word)
 
