@@ -364,6 +364,19 @@ def test_pair_statistics_sweep_equals_blocks():
                 torch.testing.assert_close(getattr(sweep, field), getattr(blocks, field), rtol=1e-10, atol=1e-10)
 
 
+def test_sweep_keeps_the_callers_thread_count():
+    """numba's OpenMP layer shares its runtime with torch: the sweep must not leave torch on
+    more threads than the caller allowed (the ablation's workers train on one thread each)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        q, k = torch.randn(2, 9, 8, dtype=torch.float64), torch.randn(1, 9, 8, dtype=torch.float64)
+        pair_statistics(q, k, "half", bins=8, method="sweep")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_pair_statistics_refuses_bad_input():
     q, k = torch.randn(4, 10, 8), torch.randn(3, 10, 8)
     with pytest.raises(ValueError, match="multiple of the key heads"):

@@ -180,9 +180,16 @@ def _sweep(q_re: Tensor, q_im: Tensor, k_re: Tensor, k_im: Tensor, bins: int, to
 
     device = q_re.device
     arrays = (x.detach().cpu().contiguous().numpy() for x in (q_re, q_im, k_re, k_im))
-    count, weight, hist, weight_all, product, q_abs, k_abs = (
-        torch.from_numpy(x).to(device) for x in sweep_slices(*arrays, bins, tol)
-    )
+    threads = torch.get_num_threads()
+    try:  # the caller's thread budget, kept: the sweep uses no more threads than torch may
+        out = sweep_slices(*arrays, bins, tol, threads=threads)
+    finally:
+        # numba's OpenMP layer shares the OpenMP runtime with torch and leaves its own thread
+        # count set in it: without this, a process that limited torch to 1 thread (each of the
+        # ablation's --shared workers) trained on every core after its first probe, 2 workers
+        # × 2 threads on 2 cores, several times slower
+        torch.set_num_threads(threads)
+    count, weight, hist, weight_all, product, q_abs, k_abs = (torch.from_numpy(x).to(device) for x in out)
     return count, weight, hist, weight_all, torch.complex(product[..., 0], product[..., 1]), q_abs, k_abs
 
 

@@ -236,7 +236,8 @@ def _fold(joint, hist):
 
 
 def sweep_slices(
-    qre: np.ndarray, qim: np.ndarray, kre: np.ndarray, kim: np.ndarray, bins: int, zero_angle_tol: float = 0.0
+    qre: np.ndarray, qim: np.ndarray, kre: np.ndarray, kim: np.ndarray, bins: int, zero_angle_tol: float = 0.0,
+    threads: int | None = None,
 ) -> tuple:
     """Every per-layer pair statistic straight from the slices' real and imaginary parts.
 
@@ -245,6 +246,7 @@ def sweep_slices(
         kre, kim: ``[G, T]`` key slice components.
         bins: Θ histogram bins; a pair goes to ``(bin(a_m) − bin(b_n)) mod bins``.
         zero_angle_tol: radians; Θ within it of 0 (mod 2π) is not case (d).
+        threads: at most this many threads for the groups (default: numba's, one per core).
 
     Returns:
         ``count_d [G, R]`` (causal pairs in case (d)), ``weight_d [G, R]`` (their
@@ -253,6 +255,8 @@ def sweep_slices(
         of ``Σ_{n<m} q_m k̄_n``), ``q_abs [G, R]`` and ``k_abs [G]`` (``Σ_m |q_m|``,
         ``Σ_n |k_n|``).
     """
+    if threads is not None:
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     return _sweep_slices(qre, qim, kre, kim, bins, bin_table(bins), zero_angle_tol)
 
 
