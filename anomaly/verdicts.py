@@ -66,7 +66,10 @@ def _not_distinguishable(test: Test, unit: str, digits: int, units: str) -> Verd
                        "(no test is possible)")
     floor = f"the exact test cannot go below p = {test.min_p:.2g} with {test.n} {units}"
     if not math.isfinite(test.mde):
+        # Either no outcome can pass (the floor), or none of the size the design allows
+        # reaches 80 % power (counts: no rise over the comparator's observed share does).
+        why = floor if test.min_p >= ALPHA else f"none reaches 80 % power with {test.n} {units}"
         return Verdict("not distinguishable", f"not distinguishable with {test.n} {units} (no difference is "
-                       f"detectable: {floor})")
+                       f"detectable: {why})")
     text = f"not distinguishable with {test.n} {units} (80 % power to detect |Δ| ≥ {test.mde:.{digits}f}{unit}"
     return Verdict("not distinguishable", text + (f"; {floor})" if test.min_p >= ALPHA else ")"))

@@ -161,6 +161,15 @@ def test_fisher_on_a_two_by_two_table_by_hand():
                                       "the exact test cannot go below p = 0.1 with 3 seeds)")
 
 
+def test_counts_where_no_change_has_power_say_so_not_the_floor():
+    # 7/10 against 7/10: 10 vs 10 seeds can reach p < 0.05, but even 10/10 against a true 0.7
+    # is rejected only when the comparator draws 5 or fewer (power 0.15): no change has 80 %.
+    c = st.compare_counts(7, 10, 7, 10)
+    assert c.min_p < 0.05 and c.mde == math.inf
+    assert verdict(c, +1).text == ("not distinguishable with 10 seeds (no difference is detectable: "
+                                   "none reaches 80 % power with 10 seeds)")
+
+
 def test_fisher_power_brute_force():
     # 4 vs 4 seeds: the tables Fisher rejects at 0.05 are [[4,0],[0,4]] and its mirror (p = 2/70).
     p_a, p_b = 0.9, 0.2
@@ -288,3 +297,27 @@ def test_committed_results_have_no_pooled_intervals():
     raw = json.loads(COMMITTED.read_text())
     assert not any(k.endswith("_ci") for k in raw)
     assert not any(k.endswith("_ci") for entry in raw["criterion"]["per_variant"].values() for k in entry)
+
+
+# ----------------------------------------------------------------------- Fig. 4's window gap
+
+
+def test_window_gap_pairs_each_seed_with_itself_and_variants_by_seed():
+    from anomaly.ablation.window import gap_contrast, split_depths, window_gap
+
+    depths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert split_depths(depths, 256, 128) == ([3, 4], [0, 1, 2])  # 2×: key within T at depths 0.75, 1
+    assert split_depths(depths, 512, 128) == ([4], [0, 1, 2, 3])
+
+    def grid(inside, outside):  # [length, depth] at lengths 128 and 256
+        return [[1.0] * 5, [outside] * 3 + [inside] * 2]
+
+    results = {"seeds": [3, 5], "depths": depths, "eval_lengths": [128, 256], "train_length": 128,
+               "variants": ["rope", "coca_slack"],
+               "passkey_grid_per_seed": {"rope": {"none": [grid(0.9, 0.1), grid(0.5, 0.5)]},
+                                         "coca_slack": {"none": [grid(0.4, 0.4), grid(0.8, 0.2)]}}}
+    rope = window_gap(results, "rope", 256)
+    assert list(rope.stat.seeds) == [3, 5] and list(rope.stat.differences) == pytest.approx([0.8, 0.0])
+    slack = window_gap(results, "coca_slack", 256)
+    assert list(gap_contrast(slack, rope).differences) == pytest.approx([0.0 - 0.8, 0.6 - 0.0])
+    assert window_gap(results, "rope", 1024) is None  # a length the run did not evaluate

@@ -15,6 +15,7 @@ and test is computed here, with the trained model (the seed) as the unit
 * :func:`design_effects`: between- and within-seed variance where within-seed items exist;
 * :func:`thesis`: the pre-registered rank correlation over RoPE seeds of the weighted case-(d)
   share with extrapolation;
+* Fig. 4's window gap (:mod:`anomaly.ablation.window`) at 2× T;
 * :func:`report`: all of it as Markdown (``python -m anomaly.ablation.analysis RESULTS``).
 
 Perplexity is analysed as log-perplexity (the mean NLL per token): differences are in nats
@@ -33,6 +34,7 @@ import numpy as np
 
 from anomaly import replication as st
 from anomaly import variants as registry
+from anomaly.ablation.window import gap_contrast, window_gaps
 from anomaly.verdicts import verdict
 from anomaly.ablation.results import (  # noqa: F401  (re-exported: notebooks and tests read them here)
     MATCHED_STAGE, READINGS, REQUIRED_KEYS, SNAPSHOTS, TABLE_SHAPES, TO_CRITERION, check_results, criterion_of,
@@ -262,7 +264,8 @@ def design_effects(results: dict, panel: str = "none") -> list[Decomposition]:
 THESIS = (("2× passkey", "passkey", 2, "less"), ("4× log-perplexity", "ppl", 4, "greater"))
 """The pre-registered single-model test (docs/ablation.md): over the RoPE seeds, a higher
 weighted case-(d) share goes with *worse* extrapolation, i.e. a lower passkey share at 2×
-(ρ < 0) and a higher log-perplexity at 4× (ρ > 0), no scaling; one-sided exact p-values."""
+(ρ < 0) and a higher log-perplexity at 4× (ρ > 0), no scaling; one-sided permutation p-values (exact
+up to :data:`anomaly.replication.EXACT_PERMUTATIONS` seeds, Monte Carlo beyond)."""
 
 
 def thesis(results: dict, variant: str = "rope") -> list[tuple[str, st.RankCorrelation]]:
@@ -284,6 +287,11 @@ def thesis(results: dict, variant: str = "rope") -> list[tuple[str, st.RankCorre
 
 
 # -------------------------------------------------------------------------- markdown
+
+
+def _p_kind(r: st.RankCorrelation) -> str:
+    """How a rank correlation's p-value was obtained: every pairing, or a Monte Carlo sample."""
+    return "exact" if r.exact else f"Monte Carlo ({st.MONTE_CARLO_RESAMPLES:,} pairings)"
 
 
 def _number(value: Any, digits: int = 2) -> str:
@@ -382,6 +390,27 @@ def _learned_section(results: dict) -> list[str]:
     return out
 
 
+def _window_section(results: dict) -> list[str]:
+    """Fig. 4 at the seed level (:mod:`anomaly.ablation.window`), at 2× T; added after the
+    10-seed run, so its verdicts are labelled as not pre-registered."""
+    gaps = {g.variant: g for g in window_gaps(results, 2 * results["train_length"])}
+    if not gaps:
+        return []
+    g0 = next(iter(gaps.values()))
+    out = ["", f"## Key inside vs outside the training window at {g0.length} tokens, no scaling (Fig. 4; not "
+           "pre-registered)", "", f"Depths {', '.join(map(str, g0.inside))} put the key within T of the question, "
+           f"{', '.join(map(str, g0.outside))} farther. Paper: RoPE drops outside (+1), CoCA does not (0).", "",
+           "| comparison | n | mean Δ [95 % t-interval] | per seed | sign-flip p | verdict |", "|---|---|---|---|---|---|"]
+    rows = [(f"{variant_label(v)}: inside − outside", g.stat, +1 if v == "rope" else 0) for v, g in gaps.items()]
+    rows += [(f"gap {variant_label(v)} − gap RoPE", gap_contrast(g, gaps["rope"]), -1)
+             for v, g in gaps.items() if v != "rope" and "rope" in gaps]
+    for name, p, expected in rows:
+        out.append(f"| {name} | {p.n} | {p.estimate:+.2f} [{_number(p.low)}, {_number(p.high)}] | "
+                   f"{' · '.join(f'{d:+.2f}' for d in p.differences)} | {p.p:.2g} | "
+                   + verdict(p, expected).text.replace("|", "\\|") + " |")
+    return out
+
+
 def report(results: dict) -> str:
     """Every seed-level table of the run as Markdown."""
     seeds = results["seeds"]
@@ -427,13 +456,14 @@ def report(results: dict) -> str:
             e = d.effect
             out.append(f"| {d.key} | {variant_label(d.variant)} | {d.length} | {e.between:.4f} | {e.within:.4f} | "
                        f"{_number(e.icc)} | {_number(e.deff, 1)} | {_number(e.n_eff, 1)} of {e.seeds * e.items} |")
+    out += _window_section(results)
     correlations = thesis(results)
     if correlations:
         out += ["", "## Pre-registered: weighted case-(d) share vs extrapolation over RoPE seeds", ""]
         for name, r in correlations:
             out.append(f"- {name}: Spearman ρ = {_number(r.rho)} over seeds {', '.join(map(str, r.seeds))} "
                        f"(share {', '.join(f'{x:.3f}' for x in r.x)}; values {', '.join(f'{y:.3f}' for y in r.y)}), "
-                       f"one-sided exact p = {r.p:.2g} ({r.alternative})")
+                       f"one-sided {_p_kind(r)} p = {r.p:.2g} ({r.alternative})")
     return "\n".join(out) + "\n"
 
 
