@@ -44,6 +44,8 @@ JOBS = {
     "run": [
         ["-m", "anomaly.figures", "--out", "figures"],
         ["-m", "anomaly.ablation.plots", "results/ablation_cpu.json", "--out", "figures"],
+        ["-m", "anomaly.ablation.plots", "results/ablation_seeds/results.json", "--out", "figures",
+         "--prefix", "ablation_seeds"],
         ["-m", "anomaly.probe", "--model", "smollm2-135m", "--out", "figures/probe_smollm2"],
     ],
     "test": [["-m", "pytest", "-q", "-p", "no:cacheprovider"]],
