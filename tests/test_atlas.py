@@ -23,7 +23,7 @@ from anomaly.io import write_json
 from anomaly.outputs import MANIFEST
 from anomaly.probe.atlas.cells import CELLS, CellKey, CellStore
 from anomaly.probe.atlas.readings import GroupReadings, Readings, readings
-from anomaly.probe.atlas.tables import ALL, Cell, compare, load_cells, markdown
+from anomaly.probe.atlas.tables import ALL, Cell, SliceSplit, compare, load_cells, markdown
 from anomaly.probe.atlas.texts import Text
 
 # --------------------------------------------------------------------------------------
@@ -31,13 +31,10 @@ from anomaly.probe.atlas.texts import Text
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gemma_result():
+def _gemma_model():
     """A tiny random Gemma 3: two sliding layers (base 1e4, window 16) and one global layer
-    (base 1e6), probed on 40 tokens, so the groups differ in base, window and fast slices."""
+    (base 1e6), trained length 512."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    from anomaly.probe.core import probe
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(
@@ -45,10 +42,21 @@ def gemma_result():
         num_key_value_heads=1, head_dim=16, sliding_window=16, rope_theta=1e6, rope_local_base_freq=1e4,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"], max_position_embeddings=512,
         attn_implementation="eager")
-    model = Gemma3ForCausalLM(config).eval()
-    ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(1))
+    return Gemma3ForCausalLM(config).eval()
+
+
+def _probe(model, ids):
+    from anomaly.probe.core import probe
+
     with torch.no_grad():
         return probe(model, ids)
+
+
+@pytest.fixture(scope="module")
+def gemma_result():
+    """:func:`_gemma_model` probed on 40 tokens, so the groups differ in base, window and fast slices."""
+    ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(1))
+    return _probe(_gemma_model(), ids)
 
 
 def _hand_band(result, rows: list[int], slices: list[int]) -> tuple[float, float]:
@@ -76,10 +84,12 @@ def test_readings_match_a_hand_computation(gemma_result):
     # The groups by rotary base, read off the table as base = (θ_0/θ_1)^(d/2).
     bases = [round(math.log10((r.inv_freq[l, 0] / r.inv_freq[l, 1]) ** (r.rotary_dim / 2))) for l in range(3)]
     assert bases == [4, 4, 6] and [g.label for g in got.groups] == ["base 1e4", "base 1e6"]
-    for g, rows, window in zip(got.groups, ([0, 1], [2]), (16, None)):
-        assert g.layers == rows and g.window == window
-        fast = [j for j in every if r.rotations[rows[0], j] >= 1]
-        slow = [j for j in every if r.rotations[rows[0], j] < 1]
+    # Fast slices turn at least once over the distances the layer scores in training: the
+    # window (16) for the sliding layers, the training length (512) for the global one.
+    for g, rows, window, span in zip(got.groups, ([0, 1], [2]), (16, None), (16, 512)):
+        assert g.layers == rows and g.window == window and g.span == span
+        fast = [j for j in every if r.inv_freq[rows[0], j] * span / (2 * math.pi) >= 1]
+        slow = [j for j in every if r.inv_freq[rows[0], j] * span / (2 * math.pi) < 1]
         assert fast and slow and g.fast_slices == len(fast)
         for (s, w), (hs, hw) in (((g.share, g.weighted), _hand_band(r, rows, list(every))),
                                  ((g.fast_share, g.fast_weighted), _hand_band(r, rows, fast)),
@@ -89,6 +99,18 @@ def test_readings_match_a_hand_computation(gemma_result):
         in_d = [(l, h, j) for l in rows for h in range(r.heads) for j in every if math.pi < r.mean_angle[l, h, j]]
         assert g.mean_angle_d == pytest.approx(len(in_d) / (len(rows) * r.heads * len(every)))
         assert g.median_tau == pytest.approx(float(np.median([r.tau[i] for i in in_d])), rel=1e-6)
+
+
+def test_a_sliding_layer_splits_by_its_window_even_where_it_does_not_limit_the_sequence(gemma_result):
+    """Probed on fewer tokens than its window, a sliding layer's pairs are all scored (no
+    ``sliding_window``), but it was still trained on keys at most W back: the split is the same."""
+    r = gemma_result
+    assert r.configured_window == [16, 16, None] and r.sliding_window == [16, 16, None]
+    assert [r.scored_span(l) for l in range(3)] == [16, 16, 512]
+    short_result = _probe(_gemma_model(), torch.from_numpy(r.input_ids[:12]))
+    assert short_result.sliding_window == [None, None, None] and short_result.configured_window == [16, 16, None]
+    long, short = readings(r).groups, readings(short_result).groups
+    assert [g.fast_slices for g in short] == [g.fast_slices for g in long] and short[0].window is None
 
 
 def _json_round_trip(obj: Readings, tmp_path: Path) -> Readings:
@@ -116,7 +138,7 @@ TEXTS = [Text(Document(f"{kind}/{i}", Path("/dev/null"), kind), kind, f"{i}" * 6
 
 
 def _readings(tokens: int, share: float, weighted: float) -> Readings:
-    group = GroupReadings("base 1e4", [0, 1], None, share, weighted, 3, share + 0.1, weighted + 0.1,
+    group = GroupReadings("base 1e4", [0, 1], None, 4096, share, weighted, 3, share + 0.1, weighted + 0.1,
                           share - 0.1, weighted - 0.1, 0.4, 100.0 + tokens)
     return Readings(tokens, share, weighted, [share, share], [weighted, weighted], [0, 1], [group])
 
@@ -175,6 +197,12 @@ def test_compare_pairs_models_and_lengths_by_text():
     assert atlas.row("m1", 64, "base 1e4", "median_tau").p is None
     assert atlas.row("m1", 64, ALL, "median_tau") is None  # the whole model has share and weighted only
     assert [p.tokens for p in atlas.profiles] == [64, 128, 64, 128]
+    assert atlas.splits == [SliceSplit("m1", "base 1e4", 4096, 3), SliceSplit("m2", "base 1e4", 4096, 3)]
+    # Cells of one model that split a group in two ways cannot be one atlas.
+    odd = cells[0]
+    changed = replace(odd.readings, groups=[replace(odd.readings.groups[0], span=512, fast_slices=2)])
+    with pytest.raises(ValueError, match="different ways"):
+        compare([replace(odd, readings=changed), *cells[1:]])
 
 
 def test_markdown_renders_every_table():
@@ -183,14 +211,16 @@ def test_markdown_renders_every_table():
     shown = ("share", "weighted", "fast_weighted", "slow_weighted", "mean_angle_d", "median_tau")
     sections = text.split("\n## ")
     assert [s.splitlines()[0] for s in sections] == [
-        "## Readings over texts (mean, 95 % t-interval over texts; chance = 0.5 for shares)",
+        "## Fast and slow slices",
+        "Readings over texts (mean, 95 % t-interval over texts; chance = 0.5 for shares)",
         "By text kind (weighted share)",
         "Models compared on the same texts (paired over texts)",
         "Longest against shortest length, text by text (paired over texts)"]
     expected = (sum(r.texts == "all" and r.reading in shown for r in atlas.rows),
                 sum(r.texts != "all" and r.reading == "weighted" for r in atlas.rows),
                 sum(c.reading in shown for c in atlas.models), sum(c.reading in shown for c in atlas.lengths))
-    for section, n in zip(sections, expected):
+    assert "| m1 | base 1e4 | 4096 | 3 |" in sections[0] and "| m2 | base 1e4 | 4096 | 3 |" in sections[0]
+    for section, n in zip(sections[1:], expected):
         body = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
         assert n > 0 and len(body) == n + 1  # the header, then one line per row
     assert "higher in m2" in text

@@ -154,6 +154,7 @@ class _LayerCollector:
     per_layer: list[dict[str, np.ndarray]] = field(default_factory=list)  # [L] layer_statistics
     indices: list[int] = field(default_factory=list)  # [L] the model's layer index
     windows: list[int | None] = field(default_factory=list)  # [L] a window shorter than T, else None
+    configured: list[int | None] = field(default_factory=list)  # [L] the layer's window at any T, else None
     slack_layers: list = field(default_factory=list)  # [L] slack models' position dependence
 
     def __post_init__(self) -> None:
@@ -179,6 +180,7 @@ class _LayerCollector:
         self.indices.append(layer.index)
         w = layer.sliding_window
         self.windows.append(w if w is not None and w < self.tokens else None)
+        self.configured.append(layer.configured_window)
         if self.progress is not None:
             self.progress(layer.index)
 
@@ -268,6 +270,7 @@ def _result(collector: _LayerCollector, cap: Capture, config, ids: Tensor, max_p
         zero_angle_tolerance=collector.zero_angle_tol,
         logit_peak_window=peak_window,
         sliding_window=collector.windows,
+        configured_window=collector.configured,
         anomalous_fraction=arrays["count_d"].sum(-1) / (j * pairs[:, None]),
         weighted_anomalous_fraction=arrays["weight_d"].sum(-1) / np.maximum(arrays["weight_all"].sum(-1), 1e-300),
         logit_peak_distance=np.stack([1 + arrays["mean_logit"][l, :, 1 : w + 1].argmax(-1)
@@ -309,6 +312,8 @@ def definitions(variant: str) -> dict[str, str]:
         "sliding_window": "[layer] the window W of a layer that scores only pairs with m − n < W (W shorter than "
                           "the sequence), else null: such a layer's pair statistics count only those pairs, its "
                           "whole_context is over W tokens, its mean_logit is NaN from distance W on",
+        "configured_window": "[layer] the sliding window W the layer attends with at any length (null for a layer "
+                             "that attends to the whole context); it limits this probe's pairs only where W < T",
         "logit_peak_distance": "argmax over distances 1..min(logit_peak_window, W − 1) of mean_logit (the nearest earlier key "
                                "is at 1)",
     }

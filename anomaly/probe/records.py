@@ -54,6 +54,10 @@ class LayerCapture:
     """The layer's local attention window ``W`` (a key ``n`` is seen by query ``m`` while
     ``m − n < W``), ``None`` for global attention: read off the mask the layer hands its
     attention function where it hands one; only :func:`attention_probabilities` uses it."""
+    configured_window: int | None = None
+    """The window the layer is built with, at any length: equal to :attr:`sliding_window`
+    where that is set, and still ``W`` for a sliding layer probed on ``W`` tokens or fewer
+    (whose mask then hides nothing). What the layer scored in training, not on this sequence."""
     softcap: float | None = None
     """Logit soft-capping ``c·tanh(logit/c)`` (Gemma 2), ``None`` where the layer has none;
     only :func:`attention_probabilities` uses it."""
@@ -201,6 +205,10 @@ def attention_probabilities(layer: LayerCapture) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
+NOT_PASSED = object()
+"""A keyword argument the layer did not hand its attention function."""
+
+
 @dataclass
 class Received:
     """The query and key one layer handed its attention function, at the checked token rows
@@ -211,7 +219,11 @@ class Received:
     k: Tensor
     """``[kv_heads or heads, rows, head_dim]``."""
     kwargs: dict
-    """``scaling``, ``sliding_window``, ``softcap``, ``s_aux`` where the layer passed them."""
+    """``scaling``, ``sliding_window``, ``softcap``, ``s_aux`` where the layer passed them
+    (``sliding_window`` as its mask applies it, where the mask can be read)."""
+    layer_window: object = None
+    """The ``sliding_window`` the layer itself passed (its configured window, whatever the
+    mask does at this length); :data:`NOT_PASSED` where it passed none."""
 
 
 @dataclass

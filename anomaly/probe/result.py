@@ -95,6 +95,10 @@ class ProbeResult:
     ``W`` is shorter than the sequence, else ``None``. Its pair statistics count those
     pairs only, its ``whole_context`` is over ``W`` tokens and its ``mean_logit`` is NaN
     from distance ``W`` on (the model computes no such logit)."""
+    configured_window: list[int | None]
+    """``[L]``: the sliding window ``W`` each layer attends with at any length (``None`` for
+    a layer that sees the whole context), whether or not it limits this sequence: what
+    :meth:`scored_span` needs to know of a layer probed on fewer than ``W`` tokens."""
 
     # ---- per layer and head
     anomalous_fraction: np.ndarray
@@ -182,6 +186,12 @@ class ProbeResult:
         """``[L, H]`` bool: the logit peak lies beyond distance 1."""
         return self.logit_peak_distance > 1
 
+    def scored_span(self, layer: int) -> int:
+        """The longest distance (in tokens) layer ``layer`` scores within the training
+        context: ``min(W, train_length)`` for a sliding layer, ``train_length`` otherwise."""
+        window = self.configured_window[layer]
+        return self.train_length if window is None else min(window, self.train_length)
+
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays for ``arrays.npz``, by name."""
         return {name: np.asarray(getattr(self, name)) for name in self.ARRAYS}
@@ -222,6 +232,7 @@ class ProbeResult:
             "peaks_away_from_nearest_key": self.peaks_away_from_nearest_key.tolist(),
             "logit_peak_window": self.logit_peak_window,
             "sliding_window": self.sliding_window,
+            "configured_window": self.configured_window,
             "theta_bins": self.theta_bins,
         }
         if self.slack is not None:

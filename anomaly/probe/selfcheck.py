@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from anomaly import model_surgery as surgery
-from anomaly.probe.records import LayerCapture, LayerRecord, Received, rotated_heads
+from anomaly.probe.records import NOT_PASSED, LayerCapture, LayerRecord, Received, rotated_heads
 
 CHECKED_POSITIONS = 8
 """Positions per layer at which the capture is checked against the attention's q/k."""
@@ -85,7 +85,8 @@ def received(context: CheckContext, layer: int, query: Tensor, key: Tensor, kwar
     window = _window_of_mask(kwargs.get("attention_mask"), seq)
     if window is not _UNREAD:
         keep["sliding_window"] = window  # the window the mask applies, whatever the layer says
-    return Received(query[0][:, context.rows], key[0][:, context.rows], keep)
+    return Received(query[0][:, context.rows], key[0][:, context.rows], keep,
+                    layer_window=kwargs.get("sliding_window", NOT_PASSED))
 
 
 def check_layer(context: CheckContext, site: surgery.AttentionSite, record: LayerRecord) -> LayerCapture | NotProbed:
@@ -152,6 +153,7 @@ class _Reader:
     """The model's frequencies that produce :attr:`table` (``None`` with it)."""
     softmax_scale: float
     sliding_window: int | None
+    configured_window: int | None
     softcap: float | None
     sinks: Tensor | None
     coca_variant: str | None
@@ -167,8 +169,8 @@ class _Reader:
             q=self._part(q, rotated, at), k=self._part(k, rotated, at),
             q_pass=self._part(q, unrotated, at), k_pass=self._part(k, unrotated, at),
             inv_freq=freqs.to(q.device), rope_scale=rope_scale, softmax_scale=self.softmax_scale,
-            sliding_window=self.sliding_window, softcap=self.softcap, sinks=self.sinks,
-            coca_variant=self.coca_variant,
+            sliding_window=self.sliding_window, configured_window=self.configured_window,
+            softcap=self.softcap, sinks=self.sinks, coca_variant=self.coca_variant,
         )
 
     def _part(self, x: Tensor, dims: slice, at: Tensor | None) -> Tensor:
@@ -185,6 +187,10 @@ def _reader(context: CheckContext, site: surgery.AttentionSite, record: LayerRec
     table = None if record.rotation is None else surgery.rotation_table(record.rotation, context.n_freqs)
     extra = record.received.kwargs if record.received is not None else {}
     sinks = extra.get("s_aux")
+    window = extra["sliding_window"] if "sliding_window" in extra else _config_window(context.config, site.index)
+    passed = record.received.layer_window if record.received is not None else NOT_PASSED
+    configured = window if window is not None else (
+        passed if passed is not NOT_PASSED else _config_window(context.config, site.index))
     return _Reader(
         index=site.index,
         positions=context.positions,
@@ -192,7 +198,8 @@ def _reader(context: CheckContext, site: surgery.AttentionSite, record: LayerRec
         table=table,
         match=None if table is None else _matched(context, table),
         softmax_scale=float(extra.get("scaling") or site.softmax_scale),
-        sliding_window=extra["sliding_window"] if "sliding_window" in extra else _config_window(context.config, site.index),
+        sliding_window=window,
+        configured_window=configured,
         softcap=extra.get("softcap"),
         sinks=sinks.detach().float() if isinstance(sinks, Tensor) else None,
         coca_variant=getattr(site.attention, "coca_variant", None),

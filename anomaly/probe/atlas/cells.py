@@ -44,7 +44,7 @@ CELLS = "atlas_cells"
 """The folder of saved cells inside the atlas's output folder."""
 WRITER = "anomaly.probe.atlas"
 """Recorded in every cell file: a file without it is not a cell and is never replaced."""
-FORMAT = 1
+FORMAT = 2
 """The cell file's layout (part of the key): bump it when :class:`CellKey` or the file changes."""
 CODE_MODULES = ("anomaly.models", "anomaly.probe.atlas.readings")
 """The modules whose source files (with everything they import) make a cell's code key."""

@@ -6,10 +6,15 @@ All shares follow :mod:`anomaly.probe.core`: a head's share counts the (query, k
 triples its layer scores (a sliding layer's window only); a group's or the model's share is
 the mean of its heads' shares, unweighted and weighted by ``|q_j||k_j|``.
 
-*Fast* slices complete at least one turn over the training length (``rotations ≥ 1``),
-*slow* ones never do: they lie past the critical dimension (Liu et al. 2023), where RoPE's
-angle never wraps in training and an initial angle in case (d) keeps a slice rising with
-distance over the whole context.
+*Fast* slices complete at least one turn over the distances their layer scores in training
+(``θ_j·S/2π ≥ 1``, the *span* ``S`` = the training length, or a sliding layer's window where
+that is shorter: :meth:`~anomaly.probe.result.ProbeResult.scored_span`); *slow* ones never
+do. For a layer that sees its whole context, slow slices lie past the critical dimension
+(Liu et al. 2023), where RoPE's angle never wraps in training and an initial angle in case (d)
+keeps a slice rising with distance over the whole context. A sliding layer never scores a key
+``W`` or more tokens back, so for it a slice that turns once over the training length but not
+within ``W`` is as slow as one past the critical dimension (Gemma 3's sliding layers, base 10⁴,
+``W`` = 512: 62 of 128 slices fast within the window, 119 over its 32K training length).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 from torch import Tensor, nn
 
+from anomaly import analytic
 from anomaly.probe.core import probe
 from anomaly.probe.result import ProbeResult
 
@@ -35,12 +41,15 @@ class GroupReadings:
     """Decoder layer indices in the group."""
     window: int | None
     """The sliding window that limited the group's pairs at this length, ``None`` if none did."""
+    span: int
+    """``S``: the distances the group's layers score in training (the training length, or the
+    sliding window where shorter); fast and slow slices are split by turns over it."""
     share: float
     """Mean over the group's heads of the unweighted case-(d) share."""
     weighted: float
     """The same, each triple weighted by ``|q_j||k_j|``."""
     fast_slices: int
-    """Slices with at least one turn over the training length."""
+    """Slices with at least one turn over ``span``."""
     fast_share: float
     """Mean over heads of the case-(d) share among fast slices (NaN without fast slices)."""
     fast_weighted: float
@@ -124,13 +133,25 @@ def _band(fraction_slice: np.ndarray, weight_d: np.ndarray, weight_all: np.ndarr
     return float(share.mean()), float(weighted.mean())
 
 
+def _one_span(result: ProbeResult, rows: np.ndarray, label: str) -> int:
+    """The one :meth:`~ProbeResult.scored_span` of a group's layers; a group whose layers
+    share a rotary table but score different spans has no single fast/slow split, and the
+    atlas refuses it rather than split some layers by the wrong span."""
+    spans = {result.scored_span(int(l)) for l in rows}
+    if len(spans) != 1:
+        raise ValueError(f"the layers of {label} score different spans {sorted(spans)} (sliding windows "
+                         "differ within one rotary table); the atlas splits fast and slow slices per table")
+    return spans.pop()
+
+
 def readings(result: ProbeResult) -> Readings:
     """The atlas's readings of one probe (definitions in the module docstring)."""
     labels = [base_label(result.inv_freq[l], result.rotary_dim) for l in range(result.layers)]
     groups = []
     for label in sorted(set(labels), key=lambda s: float(s.split()[1])):
         rows = np.array([l for l, lab in enumerate(labels) if lab == label])
-        fast = result.rotations[rows[0]] >= 1.0  # [J]: one table per group, so one split
+        span = _one_span(result, rows, label)
+        fast = analytic.rotations(result.inv_freq[rows[0]], span).numpy() >= 1.0  # [J]: one table, one span
         frac, wd, wa = (x[rows] for x in (result.fraction_slice, result.weight_d, result.weight_all))
         fast_share, fast_weighted = _band(frac, wd, wa, fast)
         slow_share, slow_weighted = _band(frac, wd, wa, ~fast)
@@ -140,6 +161,7 @@ def readings(result: ProbeResult) -> Readings:
             label=label,
             layers=[result.layer_indices[l] for l in rows],
             window=windows.pop() if len(windows) == 1 else None,
+            span=span,
             share=float(result.anomalous_fraction[rows].mean()),
             weighted=float(result.weighted_anomalous_fraction[rows].mean()),
             fast_slices=int(fast.sum()),

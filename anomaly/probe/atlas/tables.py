@@ -108,19 +108,34 @@ class LayerProfile:
     """Text name → ``[L]`` weighted shares."""
 
 
+@dataclass(frozen=True)
+class SliceSplit:
+    """How one layer group's slices divide into fast and slow (the same at every length)."""
+
+    model: str
+    group: str
+    span: int
+    """Tokens the group's layers score in training (the training length, or a shorter window)."""
+    fast_slices: int
+    """Slices with at least one turn over ``span``; the rest are slow."""
+
+
 @dataclass
 class Atlas:
     """The comparison: :class:`Row` per (model, length, group, reading, texts), the paired
-    :class:`Contrast` rows and the per-layer :class:`LayerProfile`."""
+    :class:`Contrast` rows, the per-layer :class:`LayerProfile` and each group's
+    :class:`SliceSplit`."""
 
     rows: list[Row] = field(default_factory=list)
     models: list[Contrast] = field(default_factory=list)
     lengths: list[Contrast] = field(default_factory=list)
     profiles: list[LayerProfile] = field(default_factory=list)
+    splits: list[SliceSplit] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"rows": [asdict(r) for r in self.rows], "models": [asdict(c) for c in self.models],
-                "lengths": [asdict(c) for c in self.lengths], "profiles": [asdict(p) for p in self.profiles]}
+                "lengths": [asdict(c) for c in self.lengths], "profiles": [asdict(p) for p in self.profiles],
+                "splits": [asdict(s) for s in self.splits]}
 
     def row(self, model: str, tokens: int, group: str, reading: str, texts: str = "all") -> Row | None:
         return next((r for r in self.rows if (r.model, r.tokens, r.group, r.reading, r.texts)
@@ -177,6 +192,16 @@ def load_cells(record: dict) -> list[Cell]:
             for c in record["cells"]]
 
 
+def _splits(model: str, cells: list[Cell]) -> list[SliceSplit]:
+    """Each group's fast/slow split, which must be one over every cell of ``model``."""
+    found = {(g.label, g.span, g.fast_slices) for c in cells for g in c.readings.groups}
+    labels = [label for label, _, _ in found]
+    if len(labels) != len(set(labels)):
+        raise ValueError(f"{model}'s cells split a layer group's slices in different ways: {sorted(found)}")
+    return [SliceSplit(model, label, span, fast) for label, span, fast in
+            sorted(found, key=lambda x: float(x[0].split()[1]))]
+
+
 def compare(cells: list[Cell]) -> Atlas:
     """The atlas of ``cells`` (every model × length × text probed)."""
     atlas = Atlas()
@@ -185,6 +210,7 @@ def compare(cells: list[Cell]) -> Atlas:
         mine = [c for c in cells if c.model == model]
         lengths = sorted({c.readings.tokens for c in mine})
         groups = _groups(mine)
+        atlas.splits += _splits(model, mine)
         for tokens in lengths:
             at = [c for c in mine if c.readings.tokens == tokens]
             first = at[0].readings
@@ -229,9 +255,14 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 def markdown(atlas: Atlas, readings: tuple[str, ...] = ("share", "weighted", "fast_weighted", "slow_weighted",
                                                         "mean_angle_d", "median_tau")) -> str:
-    """The atlas as markdown tables: readings against chance (all texts), then by text kind,
-    then the paired contrasts."""
-    out = ["## Readings over texts (mean, 95 % t-interval over texts; chance = 0.5 for shares)", "",
+    """The atlas as markdown tables: each group's fast/slow split, readings against chance
+    (all texts), then by text kind, then the paired contrasts."""
+    out = ["## Fast and slow slices", "",
+           "*Fast* slices turn at least once over the distances their layers score in training (the span: "
+           "the training length, or the sliding window where shorter); *slow* ones never do.", "",
+           "| model | layers | span (tokens) | fast slices |", "| --- | --- | ---: | ---: |",
+           *(f"| {s.model} | {s.group} | {s.span} | {s.fast_slices} |" for s in atlas.splits), "",
+           "## Readings over texts (mean, 95 % t-interval over texts; chance = 0.5 for shares)", "",
            "| model | tokens | layers | reading | n | mean | 95 % interval | p vs chance | verdict |",
            "| --- | ---: | --- | --- | ---: | ---: | --- | ---: | --- |"]
     for r in atlas.rows:
