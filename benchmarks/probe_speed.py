@@ -1,10 +1,11 @@
 """Time and peak memory of :func:`anomaly.probe.probe` beside a bare forward pass, per length.
 
     python benchmarks/probe_speed.py --tokens 2048 8192 16384   # CPU, bundled SmolLM2-135M
+    python benchmarks/probe_speed.py --model gemma3-270m --tokens 8192 16384   # sliding-window layers
     python benchmarks/probe_speed.py --device cuda --random-llama-7b --tokens 4096
 
 Three calls see the same token ids (the first ``--tokens`` tokens of the default document,
-*Hamlet*, for the bundled model; random ids for ``--random-llama-7b``):
+*Hamlet*, for a bundled model, ``--model``; random ids for ``--random-llama-7b``):
 
 * ``forward``: ``model(ids, use_cache=False, logits_to_keep=1)``, every layer with the LM
   head applied to the last token only: the cost of the network without its head;
@@ -51,7 +52,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from anomaly.cli import ArgumentParser, check_memory, run_main  # noqa: E402
+from anomaly.bundled import BUNDLED_MODELS  # noqa: E402
 from anomaly.errors import UserError  # noqa: E402
+from anomaly.models import BUNDLED  # noqa: E402
 from benchmarks.memory import MMAP_THRESHOLD, can_measure_rss, peak_extra_bytes  # noqa: E402
 
 GOALS = ((8192, 1.1), (0, 1.2))
@@ -79,8 +82,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per length (default 3)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--model", default=BUNDLED, choices=sorted(BUNDLED_MODELS),
+                   help=f"bundled model (default {BUNDLED}); gemma3-270m has sliding-window layers")
     p.add_argument("--random-llama-7b", action="store_true",
-                   help="random-weight LLaMA-7B-shaped model (bf16 on a GPU, float32 on the CPU) instead of SmolLM2")
+                   help="random-weight LLaMA-7B-shaped model (bf16 on a GPU, float32 on the CPU) instead of --model")
     p.add_argument("--layers", type=int, default=32,
                    help="--random-llama-7b only: decoder layers (default 32, the real depth; fewer for a dry run)")
     p.add_argument("--no-details", action="store_true",
@@ -104,15 +109,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def smollm2(device: str, tokens: int) -> tuple[torch.nn.Module, torch.Tensor, str]:
+def bundled(name: str, device: str, tokens: int) -> tuple[torch.nn.Module, torch.Tensor, str]:
     from anomaly.corpus import default_document
-    from anomaly.models import BUNDLED, load_model
+    from anomaly.models import load_model
 
-    loaded = load_model(BUNDLED, device, "float32")  # SDPA attention, eval mode
+    loaded = load_model(name, device, "float32")  # SDPA attention, eval mode
     ids = loaded.tokenizer(default_document().read(), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     if ids.numel() < tokens:
         raise UserError(f"--tokens {tokens} exceeds the document's {ids.numel()} tokens")
-    return loaded.model, ids[:tokens], "SmolLM2-135M (bundled GGUF)"
+    return loaded.model, ids[:tokens], f"{name} (bundled GGUF)"
 
 
 def random_llama_7b(device: str, tokens: int, layers: int) -> tuple[torch.nn.Module, torch.Tensor, str]:
@@ -226,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.random_llama_7b:
         model, ids, described = random_llama_7b(args.device, longest, args.layers)
     else:
-        model, ids, described = smollm2(args.device, longest)
+        model, ids, described = bundled(args.model, args.device, longest)
     ids = ids.to(args.device)
     if args._memory_worker:
         memory_worker(model, ids, args.device)

@@ -326,3 +326,28 @@ def test_capture_routes_each_config_and_restores_its_own_implementation():
     assert during and set(during) == {("anomaly_capture:eager", "anomaly_capture:eager", "anomaly_capture:sdpa")}
     assert (config._attn_implementation, config.text_config._attn_implementation,
             config.vision_config._attn_implementation) == ("eager", "eager", "sdpa")
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_the_window_is_read_off_every_entry_of_the_mask(monkeypatch, additive):
+    """:func:`selfcheck._window_of_mask` compares the mask block by block: a causal mask, a
+    sliding one, and either with one entry wrong in the last block (read as unreadable)."""
+    from anomaly.probe import selfcheck
+
+    monkeypatch.setattr(selfcheck, "MASK_ROWS", 7)  # 3 blocks over 20 tokens
+    seq, i = 20, torch.arange(20)
+    behind = i[:, None] - i[None, :]
+
+    def as_mask(seen: torch.Tensor) -> torch.Tensor:
+        if not additive:
+            return seen[None, None]
+        return torch.zeros(seq, seq).masked_fill(~seen, torch.finfo(torch.float32).min)[None, None]
+
+    for window in (None, 5):
+        seen = (behind >= 0) & (behind < (window or seq))
+        assert selfcheck._window_of_mask(as_mask(seen), seq) == window
+        wrong = seen.clone()
+        wrong[18, 2] = ~wrong[18, 2]  # row 18: the third block
+        assert selfcheck._window_of_mask(as_mask(wrong), seq) is selfcheck._UNREAD
+    assert selfcheck._window_of_mask(None, seq) is selfcheck._UNREAD
+    assert selfcheck._window_of_mask(as_mask(torch.ones(seq, seq, dtype=torch.bool).tril()), seq + 1) is selfcheck._UNREAD

@@ -219,3 +219,36 @@ def test_capture_allocates_one_copy_of_each_layer():
 
     extra = allocated(lambda: capture(model, ids, on_layer=lambda layer: None)) - allocated(forward)
     assert extra < 3 * layers * layer_qk_bytes(tokens), extra / (layers * layer_qk_bytes(tokens))
+
+
+# --------------------------------------------------------------------------------------
+# Sliding-window models: the mask is read a block at a time
+# --------------------------------------------------------------------------------------
+
+
+def tiny_gemma3(device: str) -> torch.nn.Module:
+    """A random Gemma 3 with one sliding (window 64) and one global layer, SDPA attention:
+    HF hands both layers an explicit ``[T, T]`` mask, which the capture reads."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=4096,
+        attn_implementation="sdpa")
+    return Gemma3ForCausalLM(config).eval().to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_probe_memory_of_a_sliding_window_model_is_linear_in_tokens(device):
+    """Reading a layer's window off its ``[T, T]`` mask once built a ``[T, T]`` int64 distance
+    matrix (8 × the bool mask the forward itself holds; 8.6 GB at 32K tokens): the probe's
+    memory above the forward must stay linear here too."""
+    short, long = 256, 2048
+    model = tiny_gemma3(device)
+    probe(model, _ids(80, device), bins=BINS)
+    above = {t: probe_above_forward(model, _ids(t, device), device) for t in (short, long)}
+    assert above[short] > 0, above
+    assert above[long] / above[short] < 12, above
+    assert above[long] < 6 * layer_qk_bytes(long), (above, layer_qk_bytes(long))  # int64 [T, T]: 6.4 ×

@@ -284,22 +284,37 @@ _UNREAD = object()
 """What :func:`_window_of_mask` returns for a mask it does not read."""
 
 
+MASK_ROWS = 64
+"""Mask rows :func:`_window_of_mask` compares at a time: its memory is linear in the tokens
+(16 MB at 32K), where a whole ``[T, T]`` int64 distance matrix would be 8.6 GB."""
+
+
 def _window_of_mask(mask: Tensor | None, seq: int) -> int | None | object:
     """The sliding window ``W`` that ``mask`` applies (``None`` for plain causal), or
     :data:`_UNREAD` where ``mask`` is absent or not a causal(-window) mask over ``seq`` tokens.
 
     ``mask`` is ``[b, 1 or heads, seq, seq]``: boolean (``True`` = seen) or additive
-    (``0`` = seen, very negative = hidden), as HF's eager and SDPA masks are.
+    (``0`` = seen, very negative = hidden), as HF's eager and SDPA masks are. Every entry is
+    compared, :data:`MASK_ROWS` rows at a time.
     """
     if not isinstance(mask, Tensor) or mask.ndim != 4 or tuple(mask.shape[-2:]) != (seq, seq):
         return _UNREAD
-    seen = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] > torch.finfo(mask.dtype).min / 2
-    i = torch.arange(seq, device=mask.device)
-    behind = i[:, None] - i[None, :]  # [m, n]: how far key n lies behind query m
-    span = int(seen[-1].sum())
+    plane = mask[0, 0]
+
+    def seen(start: int, stop: int) -> Tensor:  # [rows, seq] bool: the keys rows start..stop-1 see
+        block = plane[start:stop]
+        return block if block.dtype == torch.bool else block > torch.finfo(block.dtype).min / 2
+
+    span = int(seen(seq - 1, seq).sum())
     window = None if span == seq else span
-    expected = (behind >= 0) & (behind < (window or seq))
-    return window if torch.equal(seen.cpu(), expected.cpu()) else _UNREAD
+    i = torch.arange(seq, device=mask.device)
+    step = MASK_ROWS
+    for start in range(0, seq, step):
+        behind = i[start:start + step, None] - i[None, :]  # [rows, n]: how far key n lies behind query m
+        expected = (behind >= 0) & (behind < (window or seq))
+        if not torch.equal(seen(start, start + step).cpu(), expected.cpu()):
+            return _UNREAD
+    return window
 
 
 def _expected(layer: LayerCapture) -> tuple[Tensor, Tensor]:
