@@ -555,6 +555,32 @@ def test_a_model_held_by_another_process_is_left_to_it_and_the_run_completes_aft
         assert resumed[key] == ref[key], key
 
 
+def test_models_from_reads_a_variant_of_the_same_recipe_and_trains_the_rest(smoke_run, tmp_path, capsys):
+    """--models-from: a variant trained in the other run with this run's config for it is read
+    from there (its folder untouched, recorded in results.json), a variant trained there
+    with another learning rate is trained here; the read models give the other run's values."""
+    config = replace(SMOKE.with_steps(5).with_seeds(2),
+                     eval=replace(SMOKE.eval, length_multipliers=(1, 2), scalings=("none",)))
+    kw = dict(variants=["rope", "coca_slack"], device="cpu", figures=False, probe=False, log=lambda s: None)
+    first = _fresh_dir(tmp_path, "first", smoke_run)
+    ref = run(config, first, **kw)
+    before = _snapshot(first)
+    slower = replace(config, train=replace(config.train, lr_by_variant=(("coca_slack", config.train.lr / 2),)))
+    second = _fresh_dir(tmp_path, "second", smoke_run)
+    got = run(slower, second, models_from=first, **kw)
+    assert _snapshot(first) == before  # only read
+    assert got["models_from"] == {"rope": {"folder": str(first), "seeds": [0, 1]}}
+    assert not (second / "rope").exists() and (seed_dir(second, "coca_slack", 1) / "training.json").exists()
+    for key in (*PER_SEED, "passkey_grid_per_seed"):
+        assert got[key]["rope"] == ref[key]["rope"], key
+    assert got["ppl_per_seed"]["coca_slack"] != ref["ppl_per_seed"]["coca_slack"]  # trained again, at half the rate
+    # The command refuses a folder that is not a run, before writing anything.
+    out = tmp_path / "third"
+    assert run_main(ablation_main, ["--preset", "smoke", "--out", str(out), "--models-from", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --models-from") and len(err.splitlines()) == 1 and not out.exists()
+
+
 def _initial_logit_spread(config, variant: str) -> float:
     """Standard deviation of layer 0's initial attention logits on unit-RMS random inputs."""
     from anomaly.coca.attention import coca_qk

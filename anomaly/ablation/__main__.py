@@ -14,6 +14,9 @@ regenerates them from the results alone.
 ``--lr-from FILE`` trains each variant at its own peak learning rate, the one the
 learning-rate sweep chose (``python -m anomaly.ablation.sweep --summarise --out FILE``);
 without it every variant trains at ``train.lr`` (the same-learning-rate-for-all reading).
+``--models-from RUN_DIR`` reads the finished models of a variant trained there with the same
+recipe instead of training them again (the same-learning-rate reading takes RoPE and strict
+from the primary run, where they already trained at 1e-3).
 
 Every setting (preset, ``--set``, ``--steps``, ``--seeds``, ``--lr-from``) is checked, with the memory it
 would take, before anything is written into DIR, so a corrected rerun into the same DIR is
@@ -70,6 +73,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lr-from", type=Path, default=None, metavar="SWEEP_JSON",
                    help="train each variant at the peak learning rate the sweep's summary chose for it "
                         "(python -m anomaly.ablation.sweep --summarise --out SWEEP_JSON)")
+    p.add_argument("--models-from", type=Path, default=None, metavar="RUN_DIR",
+                   help="read finished models of the same recipe from another run's folder instead of training "
+                        "them (a variant trained there with this run's config for it; the folder is only read)")
     p.add_argument("--shared", action="store_true",
                    help="share DIR with other processes started with --shared (one model at a time each; "
                         "start one per free core)")
@@ -140,6 +146,7 @@ def _main(argv: Sequence[str] | None) -> int:
             raise UserError(f"--seeds must be between 1 and {MAX_SEEDS}, got {args.seeds}")
         config = config.with_seeds(args.seeds)
     variants.check_names(args.variants)
+    _check_models_from(args.models_from, args.out)
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise UserError(f"--max-minutes must be positive, got {args.max_minutes}")
     # Before anything is written: a refused setting or device must leave no config.json behind.
@@ -177,11 +184,23 @@ def _main(argv: Sequence[str] | None) -> int:
         return _run(args, config, device, world)
 
 
+def _check_models_from(other: Path | None, out: Path) -> None:
+    """Refuse a ``--models-from`` that is not another run's folder (before anything is written)."""
+    if other is None:
+        return
+    if not (other / "config.json").is_file():
+        raise UserError(f"--models-from {other}: no config.json there; give the folder of an ablation run "
+                        "(python -m anomaly.ablation --out DIR)")
+    if other.resolve() == out.resolve():
+        raise UserError("--models-from is another run's folder; a run resumes its own --out without it")
+
+
 def _run(args: argparse.Namespace, config, device, world) -> int:
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     log = (lambda s: print(s, flush=True)) if world.main else (lambda s: None)
     results = run(config, args.out, variants=args.variants, device=str(device), deadline=deadline,
-                  probe=not args.no_probe, figures=not args.no_figures, world=world, log=log)
+                  probe=not args.no_probe, figures=not args.no_figures, world=world, log=log,
+                  models_from=args.models_from)
     return 0 if results is not None or not world.main else 3
 
 

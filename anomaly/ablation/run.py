@@ -25,6 +25,13 @@ gone. In one process each model is evaluated as soon as it is trained, so its fi
 as each model finishes. Under ``torchrun`` every rank trains every model first; rank 0
 alone then evaluates and writes.
 
+Models already trained by another run with the same recipe can be read from its folder
+instead of trained again (``models_from``, ``--models-from DIR``): a variant whose config in
+that run equals this run's for it (:meth:`AblationConfig.for_variant`), seeds it finished.
+That folder is only read; ``results.json`` says which models came from where
+(``models_from``). The same-learning-rate reading uses it for the variants whose learning
+rate is the same in both readings.
+
 Several single processes may share one run (``--shared``): each model is trained and evaluated
 under a lock file in its folder (:mod:`anomaly.ablation.lock`), a process leaves a model that
 another running process holds, and the last process to finish writes ``results.json``. A model
@@ -36,7 +43,6 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -44,54 +50,20 @@ import torch
 
 from anomaly import variants as registry
 from anomaly.ablation.assembly import SMOKE_NOTE, assemble
-from anomaly.ablation.config import AblationConfig, check_config
+from anomaly.ablation.config import AblationConfig, check_config, config_from_dict
 from anomaly.ablation.data import AblationData, build_data
 from anomaly.ablation.distributed import World, join, leave
+from anomaly.ablation.evaluate import validator
 from anomaly.ablation.lock import lock_owner, locked
-from anomaly.ablation.evaluate import evaluate_scaling, set_scaling, validator
-from anomaly.ablation.geometry import anomalous_fractions, coefficient_sparsity, slack_spread
-from anomaly.ablation.retrieval import retrieval_attention
-from anomaly.ablation.train import (
-    CHECKPOINT, CRITERION, MATCHED, TrainState, build_model, load_checkpoint, matched_step, seed_dir, train,
-)
+from anomaly.ablation.model_files import TRAINING, evaluate_model, finished_state, outputs
+from anomaly.ablation.train import CHECKPOINT, TrainState, build_model, seed_dir, train
 from anomaly.errors import UserError
 from anomaly.io import Provenance, write_json
 from anomaly.models import resolve_device
 from anomaly.outputs import OutputDir
 
-
-def _load_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-TRAINING = "training.json"
-"""A model's finished training record (its :class:`TrainState`) beside its evaluation files."""
-
-
-def outputs(config: AblationConfig, state: TrainState, probe: bool) -> list[str]:
-    """File names (in the model's folder) of every evaluation of a model trained to
-    ``state``: one per scaling, the retrieval head, the probe, and the criterion and
-    matched-stage models where they are not the final one."""
-    names = [f"eval_{s}.json" for s in config.eval.scalings] + ["retrieval.json"] + (["geometry.json"] if probe else [])
-    if state.criterion_step is not None and state.criterion_step != state.step:
-        names.append("criterion_eval.json")
-    matched = matched_step(config, state.criterion_step)
-    if matched is not None and matched != state.step:
-        names.append("matched_eval.json")
-    return names
-
-
-def finished_state(config: AblationConfig, vdir: Path, probe: bool) -> TrainState | None:
-    """The training record of a model that is done — trained to the cap and every evaluation
-    file written — else ``None``. A done model needs no checkpoint: its files are the result."""
-    record = _load_json(vdir / TRAINING)
-    if record is None:
-        return None
-    state = TrainState(**record)
-    if state.step < config.train.steps or not all((vdir / name).exists() for name in outputs(config, state, probe)):
-        return None
-    return state
-
+__all__ = ["MODEL_LOCK", "RESULTS_LOCK", "SMOKE_NOTE", "TRAINING", "evaluate_model", "finished_state", "outputs",
+           "run", "seed_dir"]
 
 Model = tuple[int, str]
 """One model of a run: ``(seed, variant)``."""
@@ -108,8 +80,10 @@ def run(
     figures: bool = True,
     world: World = World(),
     log: Callable[[str], None] = print,
+    models_from: Path | None = None,
 ) -> dict | None:
-    """Run (or resume) the ablation in ``out``.
+    """Run (or resume) the ablation in ``out``, reading finished models of the same recipe
+    from the run folder ``models_from`` where it has them (see the module docstring).
 
     With ``figures``, the figures of :mod:`anomaly.ablation.plots` are written to
     ``out/figures/ablation_*.{pdf,png,json}`` once ``results.json`` is.
@@ -128,13 +102,16 @@ def run(
     figures_out, data = _prepare(config, out, figures, world, log)
     validate = validator(config, data.passkey)
     held: list[Model] = []
+    reused = {} if models_from is None else _reused(config, data, models_from, variants, dev, probe, log)
     if world.distributed:
+        if reused:
+            raise UserError("--models-from is for single processes; run it without torchrun")
         trained = _train_every_model(config, data, out, variants, dev, validate, world, deadline, log)
         if trained is None or not world.main:
             return None
         done = _evaluate_every_model(config, data, out, trained, dev, deadline, probe, log)
     else:
-        mine = _work_through(config, data, out, variants, dev, validate, deadline, probe, log)
+        mine = _work_through(config, data, out, variants, dev, validate, deadline, probe, log, reused)
         if mine is None:
             return None
         done, held = mine
@@ -144,8 +121,44 @@ def run(
         return None
     states = {v: [done[seed, v][0] for seed in config.seeds] for v in variants}
     per_variant = {v: [done[seed, v][1] for seed in config.seeds] for v in variants}
-    finish = functools.partial(_finish, config, data, out, per_variant, states, dev, started, figures_out, log)
+    sources = _sources(reused, models_from)
+    finish = functools.partial(_finish, config, data, out, per_variant, states, dev, started, figures_out, log,
+                               sources)
     return _finish_once(out, log, finish) if held else finish()
+
+
+def _reused(config: AblationConfig, data: AblationData, other: Path, variants: Sequence[str], dev: torch.device,
+            probe: bool, log: Callable[[str], None]) -> dict[Model, tuple[TrainState, dict]]:
+    """The finished models of run folder ``other`` that this run can take as they are: of a
+    variant trained there with this run's config for it, every evaluation file present (so
+    reading them writes nothing there)."""
+    path = other / "config.json"
+    if not path.is_file():
+        raise UserError(f"--models-from {other}: no config.json there; give the folder of an ablation run")
+    theirs = config_from_dict(json.loads(path.read_text()))
+    found: dict[Model, tuple[TrainState, dict]] = {}
+    for variant in variants:
+        if theirs.for_variant(variant) != config.for_variant(variant):
+            log(f"--models-from {other}: {variant} was trained there with another recipe; trained here")
+            continue
+        wants_probe = probe and registry.variant(variant).probed
+        for seed in config.seeds:
+            vdir = seed_dir(other, variant, seed)
+            state = finished_state(config, vdir, wants_probe)
+            if state is not None:
+                result = evaluate_model(config, data, vdir, variant, seed, dev, None, wants_probe, log, state)
+                found[seed, variant] = state, result
+        seeds = [s for s in config.seeds if (s, variant) in found]
+        log(f"--models-from {other}: {variant}, {len(seeds)} of {len(config.seeds)} seeds read from there")
+    return found
+
+
+def _sources(reused: dict[Model, tuple[TrainState, dict]], other: Path | None) -> dict[str, dict]:
+    """``results.json``'s ``models_from``: per variant, the folder and seeds read from it."""
+    out: dict[str, dict] = {}
+    for seed, variant in sorted(reused):
+        out.setdefault(variant, {"folder": str(other), "seeds": []})["seeds"].append(seed)
+    return out
 
 
 def _prepare(config: AblationConfig, out: Path, figures: bool, world: World,
@@ -211,17 +224,20 @@ def _evaluate_every_model(config: AblationConfig, data: AblationData, out: Path,
 
 def _work_through(config: AblationConfig, data: AblationData, out: Path, variants: Sequence[str],
                   dev: torch.device, validate: Callable[[torch.nn.Module], dict], deadline: float | None,
-                  probe: bool, log: Callable[[str], None]) -> tuple[dict[Model, tuple[TrainState, dict]],
-                                                                     list[Model]] | None:
+                  probe: bool, log: Callable[[str], None],
+                  reused: dict[Model, tuple[TrainState, dict]]) -> tuple[dict[Model, tuple[TrainState, dict]],
+                                                                         list[Model]] | None:
     """One model at a time, each under its own lock, so that several processes (--shared)
     can work through one run: the state and evaluations of every model this process did or
     found done, and the models another running process holds (left to it); ``None`` on the
-    deadline."""
-    done: dict[Model, tuple[TrainState, dict]] = {}
+    deadline. Models in ``reused`` are taken as they are."""
+    done: dict[Model, tuple[TrainState, dict]] = dict(reused)
     held: list[Model] = []
     for seed in config.seeds:
         sequences = functools.cache(lambda seed=seed: data.training_sequences(seed)[0])  # made once, if needed
         for variant in variants:
+            if (seed, variant) in reused:
+                continue
             outcome = _model(config, data, out, variant, seed, sequences, dev, validate, deadline, probe, log)
             if outcome is False:
                 return None  # time limit
@@ -264,10 +280,12 @@ def _finish_once(out: Path, log: Callable[[str], None], finish: Callable[[], dic
 
 def _finish(config: AblationConfig, data: AblationData, out: Path, per_variant: dict[str, list[dict]],
             states: dict[str, list[TrainState]], dev: torch.device, started: float, figures_out: OutputDir | None,
-            log: Callable[[str], None]) -> dict:
+            log: Callable[[str], None], sources: dict[str, dict]) -> dict:
     """Write ``results.json`` from every model's results, and the figures into ``figures_out``
     (an :class:`~anomaly.outputs.OutputDir` claimed beforehand) unless it is ``None``."""
     results = assemble(config, data, per_variant, states, dev, time.perf_counter() - started)
+    if sources:
+        results["models_from"] = sources
     write_json(out / "results.json", results)
     log(f"wrote {out / 'results.json'}")
     if config.preset == "smoke":
@@ -332,152 +350,3 @@ def _model(config: AblationConfig, data: AblationData, out: Path, variant: str, 
     else:
         result = evaluate_model(config, data, vdir, variant, seed, dev, deadline, probe, log, state)
     return False if result is None else (state, result)
-
-
-def _step(path: Path, deadline: float | None, log: Callable[[str], None], what: str, compute: Callable[[], dict]) -> dict | None:
-    """The JSON at ``path``, computing and writing it first when missing; ``None`` when the
-    deadline has passed before it could start."""
-    done = _load_json(path)
-    if done is not None:
-        return done
-    if deadline is not None and time.monotonic() > deadline:
-        log(f"time limit reached before {what}; run the same command again to resume")
-        return None
-    write_json(path, compute())
-    # What was written (rounded to anomaly.io.FLOAT_DIGITS), not the full-precision dict: a
-    # resumed run reads the file, and must assemble the very same results.json.
-    return _load_json(path)
-
-
-def evaluate_model(
-    config: AblationConfig,
-    data: AblationData,
-    vdir: Path,
-    variant: str,
-    seed: int,
-    device: torch.device,
-    deadline: float | None,
-    probe: bool,
-    log: Callable[[str], None],
-    state: TrainState,
-) -> dict | None:
-    """Evaluate, trace the retrieval head of, and probe one model trained to ``state`` (each
-    step skipped when already done; a model's weights are loaded only for a step to do)."""
-    tag = f"[{variant} seed {seed}]"
-    one = _Evaluation(config, data, vdir, variant, seed, device, deadline, lambda s: log(f"{tag} {s}"))
-    evals = one.scalings()
-    if evals is None:
-        return None
-    retrieval = one.retrieval()
-    if retrieval is None:
-        return None
-    geometry = None
-    if probe and registry.variant(variant).probed:
-        geometry = one.geometry()
-        if geometry is None:
-            return None
-    # The "to criterion" reading: the weights when validation first reached the criterion;
-    # the matched-stage reading: train.matched_steps steps later.
-    criterion = one.snapshot(state, evals, state.criterion_step, CRITERION, "criterion_eval.json", "criterion")
-    matched = one.snapshot(state, evals, matched_step(config, state.criterion_step), MATCHED, "matched_eval.json",
-                           "matched-stage")
-    if criterion is False or matched is False:
-        return None
-    return {"state": state, "eval": evals, "geometry": geometry, "retrieval": retrieval, "criterion": criterion,
-            "matched": matched}
-
-
-@dataclass
-class _Evaluation:
-    """The evaluation steps of one trained model (:func:`evaluate_model`), each read from its
-    file in ``vdir`` when done; ``None`` from a step means the deadline stopped it."""
-
-    config: AblationConfig
-    data: AblationData
-    vdir: Path
-    variant: str
-    seed: int
-    device: torch.device
-    deadline: float | None
-    say: Callable[[str], None]
-    loaded: dict[str, torch.nn.Module] = field(default_factory=dict)
-
-    def weights(self, name: str) -> torch.nn.Module:
-        """The model with the weights of ``vdir / name`` (loaded once, on first use)."""
-        if name not in self.loaded:
-            if not (self.vdir / name / "model.safetensors").exists():
-                raise UserError(f"{self.vdir / name} is missing, and {self.vdir} still needs it for an evaluation; "
-                                f"delete {self.vdir} to train this model again")
-            model = build_model(self.config, self.variant, self.seed).to(self.device)
-            load_checkpoint(self.vdir / name, model)
-            self.loaded[name] = model.eval()
-        return self.loaded[name]
-
-    def step(self, file: str, what: str, compute: Callable[[], dict]) -> dict | None:
-        return _step(self.vdir / file, self.deadline, self.say, what, compute)
-
-    def scalings(self) -> dict[str, dict] | None:
-        """The final model's evaluation under each of ``config.eval.scalings``."""
-        config, data = self.config, self.data
-        evals: dict[str, dict] = {}
-        for scaling in config.eval.scalings:
-            def compute(scaling=scaling) -> dict:
-                self.say(f"evaluating, scaling {scaling}")
-                return asdict(evaluate_scaling(self.weights(CHECKPOINT), config, scaling, data.held_out, data.passkey,
-                                               log=self.say))
-            evals[scaling] = self.step(f"eval_{scaling}.json", f"evaluating {scaling}", compute)
-            if evals[scaling] is None:
-                return None
-        return evals
-
-    def retrieval(self) -> dict | None:
-        """The final model's retrieval head and its attention on the matching digit."""
-        def trace() -> dict:
-            model = self.weights(CHECKPOINT)
-            return retrieval_attention(model, self.config, self.data.passkey, self.config.eval.retrieval_samples,
-                                       lambda: set_scaling(model, self.config, "none"))
-
-        retrieval = self.step("retrieval.json", "the retrieval head", trace)
-        if retrieval is not None:
-            self.say(f"retrieval head L{retrieval['head'][0]}H{retrieval['head'][1]}: attention on the matching "
-                     "digit " + ", ".join(f"{m:.2f}" for m in retrieval["matching"]) + " by length")
-        return retrieval
-
-    def geometry(self) -> dict | None:
-        """The final model's anomalous fractions (and the variant's extra readings)."""
-        config, data, spec = self.config, self.data, registry.variant(self.variant)
-
-        def measure() -> dict:
-            model = self.weights(CHECKPOINT)
-            tokens = config.eval.probe_tokens or config.data.train_length
-            name = sorted(data.held_out)[0]
-            ids = data.held_out[name][:tokens][None].to(self.device)  # [1, tokens]
-            start = time.perf_counter()
-            geo = anomalous_fractions(model, ids, self.variant)
-            if spec.slack_geometry:
-                geo["slack_spread"] = slack_spread(model, ids, config.data.train_length, max(config.eval_lengths))
-            if spec.coefficient_sparsity:
-                geo["coefficients"] = coefficient_sparsity(model, ids)
-            geo.update(text=name, seconds=time.perf_counter() - start)
-            self.say(f"anomalous fraction {geo['mean']:.3f} (weighted {geo['weighted_mean']:.3f})")
-            return geo
-
-        return self.step("geometry.json", "probing", measure)
-
-    def snapshot(self, state: TrainState, evals: dict[str, dict], step: int | None, folder: str, file: str,
-                 what: str) -> dict | None | bool:
-        """The no-scaling evaluation of the weights kept at ``step`` (the final model's,
-        ``evals["none"]``, when that is the last step, ``state.step``); ``None`` when there
-        are none, ``False`` on the deadline."""
-        if step is None:
-            return None
-        if step == state.step:
-            return evals["none"]
-
-        def compute() -> dict:
-            self.say(f"evaluating the {what} model (step {step}), no scaling")
-            return asdict(evaluate_scaling(self.weights(folder), self.config, "none", self.data.held_out,
-                                           self.data.passkey, log=self.say))
-
-        done = self.step(file, f"evaluating the {what} model", compute)
-        return False if done is None else done
