@@ -581,6 +581,27 @@ def test_models_from_reads_a_variant_of_the_same_recipe_and_trains_the_rest(smok
     assert err.startswith("error: --models-from") and len(err.splitlines()) == 1 and not out.exists()
 
 
+def test_models_from_is_refused_under_torchrun_before_anything_is_read(tmp_path, monkeypatch, capsys):
+    """Ranks train every model together: --models-from is refused up front, by the command
+    (nothing written) and by run() (the other run not read: a missing folder is not noticed)."""
+    from anomaly.ablation.distributed import World
+    from anomaly.errors import UserError
+
+    with pytest.raises(UserError, match="single processes"):
+        run(SMOKE, tmp_path / "out", models_from=tmp_path / "absent", world=World(rank=0, size=2), device="cpu")
+    assert not (tmp_path / "out").exists()
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "config.json").write_text("{}")  # a run folder, as far as the command's own check goes
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "second"
+    assert run_main(ablation_main, ["--preset", "smoke", "--out", str(out), "--models-from", str(first)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "for single processes" in err and len(err.splitlines()) == 1 and not out.exists()
+
+
 def _initial_logit_spread(config, variant: str) -> float:
     """Standard deviation of layer 0's initial attention logits on unit-RMS random inputs."""
     from anomaly.coca.attention import coca_qk

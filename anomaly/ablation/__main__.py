@@ -41,7 +41,7 @@ from anomaly import variants
 from anomaly.ablation.config import PRESETS, get_preset, memory_bytes, override, validate
 from anomaly.ablation.distributed import refuse_under_torchrun, under_torchrun, world_from_env
 from anomaly.ablation.lock import LockOwner, is_running, lock_owner, locked
-from anomaly.ablation.run import run
+from anomaly.ablation.run import check_models_from, run
 from anomaly.cli import ArgumentParser, UserError, check_memory, finite_float, run_main
 from anomaly.models import resolve_device
 from anomaly.outputs import claim
@@ -159,6 +159,7 @@ def _main(argv: Sequence[str] | None) -> int:
                         "pass --device cpu to run it anyway, or use --preset cpu")
     world = world_from_env()
     world.check_split(config.train.batch_size)  # every rank, before rank 0 writes anything
+    check_models_from(args.models_from, world)
     if not world.main:
         return _run(args, config, device, world)
     # The run folder's top-level entries; anything else in --out is left alone.

@@ -96,6 +96,7 @@ def run(
     started = time.perf_counter()
     variants = registry.names() if variants is None else tuple(variants)
     registry.check_names(variants)
+    check_models_from(models_from, world)
     dev = join(world, resolve_device(device), config.train.batch_size)  # before anything is written
     if dev.type == "cpu" and config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
@@ -104,8 +105,6 @@ def run(
     held: list[Model] = []
     reused = {} if models_from is None else _reused(config, data, models_from, variants, dev, probe, log)
     if world.distributed:
-        if reused:
-            raise UserError("--models-from is for single processes; run it without torchrun")
         trained = _train_every_model(config, data, out, variants, dev, validate, world, deadline, log)
         if trained is None or not world.main:
             return None
@@ -125,6 +124,13 @@ def run(
     finish = functools.partial(_finish, config, data, out, per_variant, states, dev, started, figures_out, log,
                                sources)
     return _finish_once(out, log, finish) if held else finish()
+
+
+def check_models_from(models_from: Path | None, world: World) -> None:
+    """Refuse ``models_from`` under torchrun, before anything is read or written: the ranks
+    train every model together, and a model read from another run has no place in that."""
+    if models_from is not None and world.distributed:
+        raise UserError("--models-from is for single processes; run it without torchrun")
 
 
 def _reused(config: AblationConfig, data: AblationData, other: Path, variants: Sequence[str], dev: torch.device,

@@ -221,7 +221,7 @@ class Received:
     kwargs: dict
     """``scaling``, ``sliding_window``, ``softcap``, ``s_aux`` where the layer passed them
     (``sliding_window`` as its mask applies it, where the mask can be read)."""
-    layer_window: object = None
+    layer_window: object = NOT_PASSED
     """The ``sliding_window`` the layer itself passed (its configured window, whatever the
     mask does at this length); :data:`NOT_PASSED` where it passed none."""
 

@@ -187,10 +187,13 @@ def _reader(context: CheckContext, site: surgery.AttentionSite, record: LayerRec
     table = None if record.rotation is None else surgery.rotation_table(record.rotation, context.n_freqs)
     extra = record.received.kwargs if record.received is not None else {}
     sinks = extra.get("s_aux")
-    window = extra["sliding_window"] if "sliding_window" in extra else _config_window(context.config, site.index)
     passed = record.received.layer_window if record.received is not None else NOT_PASSED
-    configured = window if window is not None else (
-        passed if passed is not NOT_PASSED else _config_window(context.config, site.index))
+    declared = passed if passed is not NOT_PASSED else _config_window(context.config, site.index)
+    # The window that limits this capture's pairs (off the mask where it can be read: None when
+    # no pair lies beyond it at this length); the layer's configured window is the declared one
+    # wherever that reads None.
+    window = extra.get("sliding_window", declared)
+    configured = window if window is not None else declared
     return _Reader(
         index=site.index,
         positions=context.positions,

@@ -122,6 +122,11 @@ def base_label(inv_freq: np.ndarray, rotary_dim: int) -> str:
     return f"base {mantissa:g}e{exponent}"
 
 
+def label_base(label: str) -> float:
+    """The base a :func:`base_label` names (``"base 1e4"`` -> 10000.0): the order of groups."""
+    return float(label.split()[1])
+
+
 def _band(fraction_slice: np.ndarray, weight_d: np.ndarray, weight_all: np.ndarray,
           mask: np.ndarray) -> tuple[float, float]:
     """Mean over heads of the unweighted and weighted case-(d) shares among the slices
@@ -148,7 +153,7 @@ def readings(result: ProbeResult) -> Readings:
     """The atlas's readings of one probe (definitions in the module docstring)."""
     labels = [base_label(result.inv_freq[l], result.rotary_dim) for l in range(result.layers)]
     groups = []
-    for label in sorted(set(labels), key=lambda s: float(s.split()[1])):
+    for label in sorted(set(labels), key=label_base):
         rows = np.array([l for l, lab in enumerate(labels) if lab == label])
         span = _one_span(result, rows, label)
         fast = analytic.rotations(result.inv_freq[rows[0]], span).numpy() >= 1.0  # [J]: one table, one span

@@ -18,7 +18,7 @@ from itertools import combinations
 from anomaly import replication
 from anomaly.verdicts import direction
 from anomaly.analytic import CHANCE_FRACTION
-from anomaly.probe.atlas.readings import Readings
+from anomaly.probe.atlas.readings import Readings, label_base
 from anomaly.probe.atlas.texts import Text
 
 ALL = "all layers"
@@ -144,7 +144,7 @@ class Atlas:
 
 def _groups(cells: list[Cell]) -> list[str]:
     labels = {g.label for c in cells for g in c.readings.groups}
-    return [ALL, *sorted(labels, key=lambda s: float(s.split()[1]))]
+    return [ALL, *sorted(labels, key=label_base)]
 
 
 def _values(cells: list[Cell], group: str, reading: str) -> dict[str, float]:
@@ -199,7 +199,7 @@ def _splits(model: str, cells: list[Cell]) -> list[SliceSplit]:
     if len(labels) != len(set(labels)):
         raise ValueError(f"{model}'s cells split a layer group's slices in different ways: {sorted(found)}")
     return [SliceSplit(model, label, span, fast) for label, span, fast in
-            sorted(found, key=lambda x: float(x[0].split()[1]))]
+            sorted(found, key=lambda x: label_base(x[0]))]
 
 
 def compare(cells: list[Cell]) -> Atlas:
