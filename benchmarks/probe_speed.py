@@ -4,17 +4,22 @@
     python benchmarks/probe_speed.py --model gemma3-270m --tokens 8192 16384   # sliding-window layers
     python benchmarks/probe_speed.py --device cuda --random-llama-7b --tokens 4096
 
-Three calls see the same token ids (the first ``--tokens`` tokens of the default document,
+Four calls see the same token ids (the first ``--tokens`` tokens of the default document,
 *Hamlet*, for a bundled model, ``--model``; random ids for ``--random-llama-7b``):
 
 * ``forward``: ``model(ids, use_cache=False, logits_to_keep=1)``, every layer with the LM
   head applied to the last token only: the cost of the network without its head;
 * ``forward+head``: ``model(ids, use_cache=False)``, logits for every token (``[T, vocab]``);
+* ``capture``: ``capture(model, ids, on_layer=drop)``: the probe's forward with every layer's
+  q/k captured and checked against the layer's own output, then dropped: the probe without
+  its statistics;
 * ``probe``: ``probe(model, ids)`` (it stops after the last attention layer).
 
 Time: after one untimed warm-up round at a short length (compilation, lazy loads), each
-length runs ``--repeats`` rounds of the three calls, the order rotated from round to round,
-so that load from other jobs on a shared machine falls on all three alike; medians.
+length runs ``--repeats`` rounds of the calls, the order rotated from round to round,
+so that load from other jobs on a shared machine falls on all four alike; medians. Each
+length's verdict line also splits the goal's budget, ``(goal − 1) × forward``: what capturing
+adds (``capture − forward``) and what the statistics add (``probe − capture``).
 
 Memory: each call's peak extra memory, as :func:`benchmarks.memory.peak_extra_bytes`
 describes. On the CPU that is the peak resident set above the one before the call, which
@@ -60,7 +65,7 @@ from benchmarks.memory import MMAP_THRESHOLD, can_measure_rss, peak_extra_bytes 
 GOALS = ((8192, 1.1), (0, 1.2))
 """Issue 18 item 5: probe ≤ 1.2 × the bare forward at 2K tokens, ≤ 1.1 × from 8K on
 (CPU, SmolLM2-135M): ``(from this many tokens, goal)``, longest first."""
-CALLS = ("forward", "forward+head", "probe")
+CALLS = ("forward", "forward+head", "capture", "probe")
 WARMUP_TOKENS = 256
 
 
@@ -136,8 +141,8 @@ def random_llama_7b(device: str, tokens: int, layers: int) -> tuple[torch.nn.Mod
 
 
 def calls_of(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """The three measured calls on ``ids [T]`` (see the module docstring)."""
-    from anomaly.probe import probe
+    """The measured calls on ``ids [T]`` (see the module docstring)."""
+    from anomaly.probe import capture, probe
 
     batch = ids[None]
 
@@ -149,11 +154,15 @@ def calls_of(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, Callable[[]
         with torch.inference_mode():
             return model(batch, use_cache=False)
 
-    return {"forward": forward, "forward+head": forward_head, "probe": lambda: probe(model, ids)}
+    def drop(layer: object) -> None:  # each layer's capture freed as soon as it is checked
+        pass
+
+    return {"forward": forward, "forward+head": forward_head,
+            "capture": lambda: capture(model, ids, on_layer=drop), "probe": lambda: probe(model, ids)}
 
 
 def measure(model: torch.nn.Module, ids: torch.Tensor, repeats: int, device: str, memory: bool) -> dict[str, Measured]:
-    """``repeats`` rounds of the three calls, order rotated each round; time, and memory
+    """``repeats`` rounds of the calls, order rotated each round; time, and memory
     where ``memory``."""
     calls = calls_of(model, ids)
     out = {name: Measured() for name in CALLS}
@@ -171,7 +180,7 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, repeats: int, device: str
 
 
 def memory_of(argv: Sequence[str], tokens: int) -> dict[str, tuple[int, int]]:
-    """CPU memory of the three calls at ``tokens``, from a fresh process (see the module
+    """CPU memory of the calls at ``tokens``, from a fresh process (see the module
     docstring): ``{call: (peak extra bytes, process peak bytes)}``."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
     cmd = [sys.executable, __file__, *argv, "--_memory-worker", str(tokens)]
@@ -222,6 +231,16 @@ def goal_for(tokens: int) -> float:
     return next(goal for start, goal in GOALS if tokens >= start)
 
 
+def verdict(tokens: int, seconds: dict[str, float]) -> str:
+    """One length's probe / forward ratio against its goal, and the goal's budget beside what
+    capturing and the statistics add (median seconds per call)."""
+    forward, captured, probed = seconds["forward"], seconds["capture"], seconds["probe"]
+    ratio, goal = probed / forward, goal_for(tokens)
+    return (f"{tokens} tokens: probe / forward = {ratio:.2f}  (goal ≤ {goal}: {'met' if ratio <= goal else 'not met'}); "
+            f"budget (goal − 1) × forward = {(goal - 1) * forward:.2f} s: capturing adds {captured - forward:.2f} s, "
+            f"the statistics {probed - captured:.2f} s")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -260,9 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(table(results))
     for tokens, by_call in results.items():
-        ratio = _median(by_call["probe"].seconds) / _median(by_call["forward"].seconds)
-        goal = goal_for(tokens)
-        print(f"{tokens} tokens: probe / forward = {ratio:.2f}  (goal ≤ {goal}: {'met' if ratio <= goal else 'not met'})")
+        print(verdict(tokens, {name: _median(m.seconds) for name, m in by_call.items()}))
     print(f"(timed part {time.perf_counter() - started:.0f} s; command: python benchmarks/probe_speed.py "
           f"{' '.join(argv)})")
     if not args.no_details:
